@@ -1,0 +1,38 @@
+# Fresh-machine entry points (see README.md):
+#   make demo   set up the current-release stack and run the main job
+#   make test   set up the three supported stacks and run the test suite on each
+PYTHON ?= python3
+VENVS ?= .venvs
+STACKS := jit pmap latest
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean $(addprefix test-,$(STACKS))
+
+$(VENVS)/%/installed: constraints/%.txt setup.py
+	rm -rf $(VENVS)/$*
+	$(PYTHON) -m venv $(VENVS)/$*
+	$(VENVS)/$*/bin/python -m pip install -q --upgrade pip
+	$(VENVS)/$*/bin/python -m pip install -q -c constraints/$*.txt -e '.[test]'
+	touch $@
+
+demo: $(VENVS)/latest/installed
+	$(VENVS)/latest/bin/python -m weight_averaging demo
+
+test-%: $(VENVS)/%/installed
+	@echo "=== stack '$*': $$($(VENVS)/$*/bin/python -c 'import jax, optax; print("jax", jax.__version__, "optax", optax.__version__)')"
+	$(VENVS)/$*/bin/python -m pytest $(PYTEST_ARGS)
+
+# Runs every stack even when one fails, then fails if any did.
+test:
+	@failed=""; \
+	for stack in $(STACKS); do \
+	  $(MAKE) --no-print-directory test-$$stack || failed="$$failed $$stack"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "FAILED stacks:$$failed"; exit 1; fi; \
+	echo "all stacks passed: $(STACKS)"
+
+bench: $(VENVS)/latest/installed
+	$(VENVS)/latest/bin/python benchmarks/averaging.py
+
+clean:
+	rm -rf $(VENVS)
