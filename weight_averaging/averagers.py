@@ -118,7 +118,7 @@ def _check_gate(gate: Any) -> str:
 
 
 def _accumulator_dtype(param_dtype, dtype):
-  """The dtype sums are kept in: at least float32, so bf16 averages keep moving."""
+  """At least float32, so that sums and averages of bf16 params keep moving."""
   return jnp.promote_types(dtype or param_dtype, jnp.float32)
 
 
@@ -189,7 +189,7 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
   where = placement_lib.get(placement)
 
   def stored(p):
-    return where.layout(p).astype(_accumulator_dtype(p.dtype, dtype))
+    return where.layout(p).astype(dtype or _accumulator_dtype(p.dtype, None))
 
   def init(params):
     zeros = _tree_map(lambda p: where.constrain(jnp.zeros_like(stored(p))), params)

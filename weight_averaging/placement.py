@@ -9,7 +9,8 @@ A `Placement` decides three things about every array of an averaging state:
 * its *sharding*, for `jax.jit` (`shardings`), and the annotation applied inside a
   traced function (`constrain`), so that the compiled program keeps it there.
 * for `host`, the memory kind: the state is stored in ``pinned_host`` memory and
-  moved to device memory only for the arithmetic (`to_compute`).
+  moved to device memory only for the arithmetic (`to_compute`). Under `jax.pmap`
+  it is held in host RAM between steps (`put`).
 
 Under `jax.pmap` give the mapped axis name (``sharded(axis_name="batch")``): each
 device then stores only its own slice and the full average is re-assembled with an
@@ -162,7 +163,7 @@ class Host(Placement):
   Uses the ``pinned_host`` memory kind. On a backend without it (the CPU backend
   before jax 0.7.1 has a single memory kind) it logs once and behaves like
   `replicated`. Under `jax.pmap` the mapped function cannot write to host memory:
-  the caller stores the state with `put` between steps.
+  the caller moves the state to host RAM with `put` between steps.
   """
 
   name: str = "host"
@@ -200,14 +201,9 @@ class Host(Placement):
   def put(self, state):
     if self.axis_name is None:
       return super().put(state)
-    if not self.available:
-      self._log_fallback()
-      return state
-    # pmap outputs: keep every device's copy, each in its own host memory.
-    def to_host(x):
-      return jax.device_put(x, x.sharding.with_memory_kind("pinned_host")) \
-          if hasattr(x.sharding, "with_memory_kind") else x
-    return jax.tree_util.tree_map(to_host, state)
+    # A pmapped function cannot write to host memory, so between steps the state
+    # is held as NumPy arrays in host RAM; pmap moves it back in at the next call.
+    return jax.device_get(state)
 
 
 def replicated(mesh: Optional[Mesh] = None, axis_name: Optional[str] = None):
