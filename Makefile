@@ -18,7 +18,7 @@ $(VENVS)/%/installed: constraints/%.txt setup.py
 demo: $(VENVS)/latest/installed
 	$(VENVS)/latest/bin/python -m weight_averaging demo
 
-test-%: $(VENVS)/%/installed
+$(addprefix test-,$(STACKS)): test-%: $(VENVS)/%/installed
 	@echo "=== stack '$*': $$($(VENVS)/$*/bin/python -c 'import jax, optax; print("jax", jax.__version__, "optax", optax.__version__)')"
 	$(VENVS)/$*/bin/python -m pytest $(PYTEST_ARGS)
 

@@ -229,7 +229,7 @@ def test_jit_placements_match_one_device(name, where):
       np.testing.assert_allclose(g[leaf], w[leaf], rtol=5e-7, atol=1e-7)
   full = sum(np.prod(s, dtype=int) for s in SHAPES.values()) * 4  # float32 bytes
   per_device = placement_lib.device_bytes(state)
-  copies = 3 + 2 if name == "lawa" else 1  # ring of k=3 + total + fresh
+  copies = 3 + 3 if name == "lawa" else 1  # ring of k=3 + evicted, total, fresh
   scalars = 8  # step and count, replicated
   if where == "sharded":
     padded = sum(4 * -(-max(1, int(np.prod(s))) // 4) for s in SHAPES.values())
@@ -242,7 +242,7 @@ def test_jit_placements_match_one_device(name, where):
 def test_sharded_state_is_one_nth_per_device_for_large_params():
   params = {"w": jnp.zeros((1000, 33)), "b": jnp.zeros((1001,))}
   for averager, copies in ((wa.ema(0.9, placement="sharded"), 1),
-                           (wa.lawa(5, every=1, placement="sharded"), 7)):
+                           (wa.lawa(5, every=1, placement="sharded"), 8)):
     state = jax.jit(averager.init)(params)
     state = jax.jit(averager.update)(state, params)
     full = (1000 * 33 + 1001) * 4 * copies
@@ -333,3 +333,18 @@ def test_bad_hyperparameters_name_themselves(call, name, value):
   with pytest.raises(ValueError) as error:
     call()
   assert name in str(error.value) and value in str(error.value)
+
+
+def test_lawa_push_touches_the_same_bytes_whatever_k():
+  """The compiled push updates the ring in place: its traffic does not grow with k."""
+  params = {"w": jax.ShapeDtypeStruct((256, 256), jnp.float32)}
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("averaging",))
+
+  def push_bytes(k):
+    averager = wa.lawa(k, every=1, placement=placement_lib.replicated(mesh=mesh))
+    state = jax.eval_shape(averager.init, params)
+    cost = jax.jit(averager.update, donate_argnums=0).lower(state, params).compile()
+    cost = cost.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
+
+  assert push_bytes(2) == push_bytes(8) == push_bytes(32)

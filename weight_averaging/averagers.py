@@ -63,6 +63,10 @@ class LawaState(NamedTuple):
   step: int32, number of `update` calls so far.
   count: int32, number of snapshots pushed so far (the next slot is ``count % k``).
   ring: per param a ``[k, ...]`` buffer of the latest ``k`` snapshots.
+  evicted: per param a copy of the snapshot the next push overwrites (zeros while
+    the ring is filling), read right after each write so that the ring is updated
+    in place (reading a slot and then writing the ring in one program makes XLA
+    copy all of it).
   total: per param the running sum of the snapshots in ``ring``.
   fresh: per param the sum of the snapshots pushed since ``ring`` last wrapped.
   """
@@ -70,6 +74,7 @@ class LawaState(NamedTuple):
   step: jnp.ndarray
   count: jnp.ndarray
   ring: Any
+  evicted: Any
   total: Any
   fresh: Any
 
@@ -245,7 +250,7 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
 
   Pushing a snapshot and reading the mean cost :math:`O(1)` in `k`: next to the ring
   buffer of the latest `k` snapshots the state keeps their running sum ``total``
-  (``total += new - oldest``). Adding and subtracting forever would let rounding
+  (``total += new - evicted``). Adding and subtracting forever would let rounding
   errors accumulate, so a second sum ``fresh`` accumulates the snapshots pushed
   since the ring last wrapped; when it wraps, ``fresh`` is exactly the sum of the
   ring and replaces ``total``. The error of the mean is therefore that of at most
@@ -275,13 +280,16 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
       x = where.layout(p)
       return where.constrain(jnp.zeros((k,) + x.shape, dtype or p.dtype))
 
+    def slot(p):
+      return where.constrain(jnp.zeros(where.layout(p).shape, dtype or p.dtype))
+
     def acc(p):
       x = where.layout(p)
       return where.constrain(jnp.zeros(x.shape, _accumulator_dtype(p.dtype, dtype)))
 
     return LawaState(step=jnp.zeros([], jnp.int32), count=jnp.zeros([], jnp.int32),
-                     ring=_tree_map(ring, params), total=_tree_map(acc, params),
-                     fresh=_tree_map(acc, params))
+                     ring=_tree_map(ring, params), evicted=_tree_map(slot, params),
+                     total=_tree_map(acc, params), fresh=_tree_map(acc, params))
 
   def update(state, params):
     take = _sampling(state.step, every, start_step)
@@ -289,31 +297,29 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
     wraps = head == k - 1  # after this push the ring holds exactly `fresh`'s terms
 
     def push(buffers):
-      ring, total, fresh = buffers
-
-      def leaf(r, t, f, p):
+      def leaf(r, e, t, f, p):
         new = where.layout(p).astype(r.dtype)
-        # The slot is zero until the ring first fills, so subtracting it is exact.
-        oldest = jax.lax.dynamic_index_in_dim(r, head, 0, keepdims=False)
-        t = t + (new.astype(t.dtype) - oldest.astype(t.dtype))
+        t = t + (new.astype(t.dtype) - e.astype(t.dtype))
         f = f + new.astype(f.dtype)
         t = jnp.where(wraps, f, t)
         f = jnp.where(wraps, jnp.zeros_like(f), f)
-        return jax.lax.dynamic_update_index_in_dim(r, new, head, 0), t, f
+        r = jax.lax.dynamic_update_index_in_dim(r, new, head, 0)
+        e = jax.lax.dynamic_index_in_dim(r, (head + 1) % k, 0, keepdims=False)
+        return r, e, t, f
 
-      out = _tree_map(leaf, ring, total, fresh, params)
-      treedef = jax.tree_util.tree_structure(ring)
-      flat = treedef.flatten_up_to(out)
-      return tuple(treedef.unflatten([x[i] for x in flat]) for i in range(3))
+      ring = buffers[0]
+      out = _tree_map(leaf, *buffers, params)
+      flat = jax.tree_util.tree_structure(ring).flatten_up_to(out)
+      return tuple(jax.tree_util.tree_structure(ring).unflatten([x[i] for x in flat])
+                   for i in range(len(buffers)))
 
     buffers = tuple(_tree_map(where.to_compute, b)
-                    for b in (state.ring, state.total, state.fresh))
-    ring, total, fresh = _gated(gate, take, push, lambda b: b, buffers)
+                    for b in (state.ring, state.evicted, state.total, state.fresh))
+    buffers = _gated(gate, take, push, lambda b: b, buffers)
+    ring, evicted, total, fresh = (_tree_map(where.constrain, b) for b in buffers)
     return LawaState(step=_increment(state.step),
                      count=state.count + take.astype(jnp.int32),
-                     ring=_tree_map(where.constrain, ring),
-                     total=_tree_map(where.constrain, total),
-                     fresh=_tree_map(where.constrain, fresh))
+                     ring=ring, evicted=evicted, total=total, fresh=fresh)
 
   def average(state, params):
     n = jnp.maximum(jnp.minimum(state.count, k), 1)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import types
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from weight_averaging import averagers
 from weight_averaging import placement as placement_lib
 from weight_averaging.algoperf_api import hyperparameters as hp
+from weight_averaging.optimizers import nadamw as nadamw_lib
 
 APIS = ("jit", "pmap")
 AXIS = "batch"  # the mesh axis (jit) and the mapped axis (pmap) the runner uses
@@ -68,12 +69,14 @@ class TrainState(NamedTuple):
   holding: jnp.ndarray
 
 
-def batch_mesh() -> Mesh:
-  """The jit runner's mesh: one axis ``'batch'`` over every device."""
-  return Mesh(np.asarray(jax.devices()), (AXIS,))
+def batch_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """The jit runner's mesh: one axis ``'batch'`` over every device (or `devices`)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (AXIS,))
 
 
-def resolve_placement(name: str, api: str) -> placement_lib.Placement:
+def resolve_placement(name: str, api: str,
+                      devices: Optional[Sequence[Any]] = None
+                      ) -> placement_lib.Placement:
   """The `Placement` for ``averaging_placement`` under `api`, or a `ValueError`.
 
   Under pmap the runner checkpoints ``x[0]`` of every leaf and restores by
@@ -83,7 +86,7 @@ def resolve_placement(name: str, api: str) -> placement_lib.Placement:
   state would have to be moved to the host and back around every step.
   """
   if api == "jit":
-    return placement_lib.get(name, mesh=batch_mesh())
+    return placement_lib.get(name, mesh=batch_mesh(devices))
   if name == "replicated":
     return placement_lib.get("replicated", axis_name=AXIS)
   if name == "sharded":
@@ -125,8 +128,9 @@ class Runtime:
 
   def __init__(self, api: str, workload, optimizer: optax.GradientTransformation,
                averager: Optional[averagers.Averager], label_smoothing: float,
-               dropout_rate: Optional[float]):
+               dropout_rate: Optional[float], devices: Optional[Sequence[Any]] = None):
     self.api = api
+    self.devices = list(jax.local_devices() if devices is None else devices)
     self.optimizer = optimizer
     self.averager = averager
     self.logger = getattr(workload, "metrics_logger", None)
@@ -165,7 +169,7 @@ class Runtime:
       new_state = TrainState(opt_state, avg_state, state.stash,
                              jnp.zeros_like(state.holding))
       return new_state, new_params, new_model_state, (summed / n_valid,
-                                                      optax.global_norm(grads))
+                                                      nadamw_lib.global_norm(grads))
 
     def init(params):
       return TrainState(
@@ -182,13 +186,14 @@ class Runtime:
       return jnp.full_like(holding, value)
 
     if pmap:
-      self._init = jax.pmap(init, axis_name=AXIS)
-      self._step = jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0, 1, 2))
-      self._average = jax.pmap(average, axis_name=AXIS)
-      self._set_flag = jax.pmap(set_flag, axis_name=AXIS, static_broadcasted_argnums=1)
+      kw = {"axis_name": AXIS, "devices": self.devices}
+      self._init = jax.pmap(init, **kw)
+      self._step = jax.pmap(train_step, donate_argnums=(0, 1, 2), **kw)
+      self._average = jax.pmap(average, **kw)
+      self._set_flag = jax.pmap(set_flag, static_broadcasted_argnums=1, **kw)
       return
 
-    mesh = batch_mesh()
+    mesh = batch_mesh(devices)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS))
     self._replicated = replicated
@@ -237,12 +242,12 @@ class Runtime:
     if self.api == "jit":
       state = jax.device_put(state, self._state_shardings)
     else:
-      n = jax.local_device_count()
+      n = len(self.devices)
       for leaf in jax.tree_util.tree_leaves(state):
         if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
           raise ValueError(
               "pmap optimizer state leaves need a leading axis of size "
-              f"{n} (jax.local_device_count()), got shape {np.shape(leaf)}; replicate "
+              f"{n} (the local devices), got shape {np.shape(leaf)}; replicate "
               "the restored state as the runner does.")
     holding = bool(np.asarray(jax.device_get(state.holding)).reshape(-1)[0])
     return state, holding
@@ -255,7 +260,7 @@ class Runtime:
       # Train from the live params; park the runner's (averaged) params in the slot.
       params, state = state.stash, state._replace(stash=params)
     if self.api == "pmap":
-      rng = jax.random.split(rng, jax.local_device_count())
+      rng = jax.random.split(rng, len(self.devices))
     state, params, model_state, (loss, grad_norm) = self._step(
         state, params, model_state, batch, rng)
     self._remember(state, holding=False)
@@ -284,7 +289,8 @@ class Runtime:
 
 def build_submission(make_optimizer: MakeOptimizer,
                      make_averager: Optional[MakeAverager] = None,
-                     api: str = "jit") -> types.SimpleNamespace:
+                     api: str = "jit",
+                     devices: Optional[Sequence[Any]] = None) -> types.SimpleNamespace:
   """The five AlgoPerf API functions for `make_optimizer` (+ `make_averager`).
 
   Args:
@@ -292,6 +298,8 @@ def build_submission(make_optimizer: MakeOptimizer,
     make_averager: ``(hyperparameters, placement) -> Averager``, or ``None`` for
       no averaging (then `prepare_for_eval` is the identity).
     api: ``'jit'`` (algoperf 2c90454f) or ``'pmap'`` (algoperf fb2f492a).
+    devices: the devices to run on; ``None`` (what the runner needs) means all of
+      them (`jax.devices()` for jit, `jax.local_devices()` for pmap).
 
   Returns:
     A namespace with ``get_batch_size``, ``init_optimizer_state``,
@@ -308,9 +316,10 @@ def build_submission(make_optimizer: MakeOptimizer,
     averager = None
     if make_averager is not None:
       cfg = hp.averaging_config(hyperparameters)
-      averager = make_averager(hyperparameters, resolve_placement(cfg.placement, api))
+      averager = make_averager(hyperparameters,
+                               resolve_placement(cfg.placement, api, devices))
     runtime = Runtime(api, workload, optimizer, averager, base.label_smoothing,
-                      base.dropout_rate)
+                      base.dropout_rate, devices)
     return runtime.init(model_params), runtime
 
   def update_params(workload, current_param_container, current_params_types,

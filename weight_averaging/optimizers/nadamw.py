@@ -112,6 +112,11 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = EPS,
   return optax.GradientTransformation(init, update)
 
 
+def global_norm(tree) -> jnp.ndarray:
+  """:math:`\\sqrt{\\sum_i \\lVert x_i \\rVert^2}` over the leaves (optax renamed its own)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
 def scale_by_clipped_global_norm(max_norm: float) -> optax.GradientTransformation:
   r"""Scales the whole gradient by :math:`\min(1, c / (\lVert g \rVert_2 + 10^{-6}))`.
 
@@ -125,7 +130,7 @@ def scale_by_clipped_global_norm(max_norm: float) -> optax.GradientTransformatio
 
   def update(updates, state, params=None):
     del params
-    norm = optax.global_norm(updates)
+    norm = global_norm(updates)
     factor = jnp.clip(max_norm / (norm + GRAD_CLIP_EPS), 0.0, 1.0)
     return jax.tree_util.tree_map(lambda g: (g * factor).astype(g.dtype), updates), state
 
