@@ -62,21 +62,16 @@ class LawaState(NamedTuple):
 
   step: int32, number of `update` calls so far.
   count: int32, number of snapshots pushed so far (the next slot is ``count % k``).
-  ring: per param a ``[k, ...]`` buffer of the latest ``k`` snapshots.
-  evicted: per param a copy of the snapshot the next push overwrites (zeros while
-    the ring is filling), read right after each write so that the ring is updated
-    in place (reading a slot and then writing the ring in one program makes XLA
-    copy all of it).
-  total: per param the running sum of the snapshots in ``ring``.
-  fresh: per param the sum of the snapshots pushed since ``ring`` last wrapped.
+  ring: per param a ``[k, ...]`` buffer of the latest ``k`` snapshots (zeros in the
+    slots not yet written).
+  survivor_sum: per param the sum of the snapshots in ``ring`` except the one in
+    the next slot, i.e. those that survive the next push.
   """
 
   step: jnp.ndarray
   count: jnp.ndarray
   ring: Any
-  evicted: Any
-  total: Any
-  fresh: Any
+  survivor_sum: Any
 
 
 # ----------------------------------------------------------------------------
@@ -237,6 +232,14 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
 # LAWA.
 
 
+def _sum_slots(ring, dtype):
+  """Sum over the leading axis, slot by slot (XLA:CPU reduces a leading axis slowly)."""
+  return jax.lax.fori_loop(
+      0, ring.shape[0],
+      lambda i, acc: acc + jax.lax.dynamic_index_in_dim(ring, i, 0, False).astype(dtype),
+      jnp.zeros(ring.shape[1:], dtype))
+
+
 def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
          placement: Any = "replicated", *, gate: str = "cond") -> Averager:
   r"""Latest weight averaging: the mean of the latest `k` sampled params.
@@ -248,20 +251,26 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
 
   (the mean of fewer than `k` snapshots until the queue fills).
 
-  Pushing a snapshot and reading the mean cost :math:`O(1)` in `k`: next to the ring
-  buffer of the latest `k` snapshots the state keeps their running sum ``total``
-  (``total += new - evicted``). Adding and subtracting forever would let rounding
-  errors accumulate, so a second sum ``fresh`` accumulates the snapshots pushed
-  since the ring last wrapped; when it wraps, ``fresh`` is exactly the sum of the
-  ring and replaces ``total``. The error of the mean is therefore that of at most
-  ``2k`` float32 additions, however long the run.
+  Pushing a snapshot and reading the mean cost :math:`O(1)` in `k` (amortised): the
+  state keeps a ring buffer of the latest `k` snapshots and ``survivor_sum``, the
+  sum of all of them but the one the next push overwrites. A push writes its
+  snapshot into the ring in place, then sets
+
+  .. math:: s \leftarrow s + \theta_{new} - r_{next}
+
+  where :math:`r_{next}` is read from the ring *after* the write (reading a slot
+  before overwriting the ring in one program would make XLA copy the whole ring).
+  The mean is :math:`(s + r_{next}) / \min(n, k)`, one extra slot read. Adding and
+  subtracting forever would let rounding errors accumulate, so each time the ring
+  wraps (every `k` pushes) `s` is recomputed exactly from the ring: the error of
+  the mean is that of at most ``2k`` float32 additions, however long the run.
 
   Args:
     k: queue length (>= 1).
     every: sampling interval ``nu`` in steps (>= 1).
     start_step: no params are sampled before this step.
     dtype: floating dtype of the stored snapshots; ``None`` stores them in the
-      params' dtype (exact copies). The sums are kept in at least float32.
+      params' dtype (exact copies). The sum is kept in at least float32.
     placement: ``'replicated'``, ``'sharded'``, ``'host'`` or a `Placement`.
     gate: ``'cond'`` (default) or ``'mask'``; see `ema`.
 
@@ -280,54 +289,55 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
       x = where.layout(p)
       return where.constrain(jnp.zeros((k,) + x.shape, dtype or p.dtype))
 
-    def slot(p):
-      return where.constrain(jnp.zeros(where.layout(p).shape, dtype or p.dtype))
-
     def acc(p):
       x = where.layout(p)
       return where.constrain(jnp.zeros(x.shape, _accumulator_dtype(p.dtype, dtype)))
 
     return LawaState(step=jnp.zeros([], jnp.int32), count=jnp.zeros([], jnp.int32),
-                     ring=_tree_map(ring, params), evicted=_tree_map(slot, params),
-                     total=_tree_map(acc, params), fresh=_tree_map(acc, params))
+                     ring=_tree_map(ring, params), survivor_sum=_tree_map(acc, params))
 
   def update(state, params):
     take = _sampling(state.step, every, start_step)
     head = state.count % k
-    wraps = head == k - 1  # after this push the ring holds exactly `fresh`'s terms
+    after = (head + 1) % k
 
     def push(buffers):
-      def leaf(r, e, t, f, p):
+      def leaf(r, s, p):
         new = where.layout(p).astype(r.dtype)
-        t = t + (new.astype(t.dtype) - e.astype(t.dtype))
-        f = f + new.astype(f.dtype)
-        t = jnp.where(wraps, f, t)
-        f = jnp.where(wraps, jnp.zeros_like(f), f)
         r = jax.lax.dynamic_update_index_in_dim(r, new, head, 0)
-        e = jax.lax.dynamic_index_in_dim(r, (head + 1) % k, 0, keepdims=False)
-        return r, e, t, f
+        evicted_next = jax.lax.dynamic_index_in_dim(r, after, 0, keepdims=False)
+        evicted_next = evicted_next.astype(s.dtype)
+        s = jax.lax.cond(
+            after == 0,  # the ring just wrapped: recompute exactly
+            lambda: _sum_slots(r, s.dtype) - evicted_next,
+            lambda: s + (new.astype(s.dtype) - evicted_next))
+        return r, s
 
-      ring = buffers[0]
-      out = _tree_map(leaf, *buffers, params)
-      flat = jax.tree_util.tree_structure(ring).flatten_up_to(out)
-      return tuple(jax.tree_util.tree_structure(ring).unflatten([x[i] for x in flat])
-                   for i in range(len(buffers)))
+      ring, sums = buffers
+      out = _tree_map(leaf, ring, sums, params)
+      treedef = jax.tree_util.tree_structure(ring)
+      flat = treedef.flatten_up_to(out)
+      return (treedef.unflatten([x[0] for x in flat]),
+              treedef.unflatten([x[1] for x in flat]))
 
-    buffers = tuple(_tree_map(where.to_compute, b)
-                    for b in (state.ring, state.evicted, state.total, state.fresh))
-    buffers = _gated(gate, take, push, lambda b: b, buffers)
-    ring, evicted, total, fresh = (_tree_map(where.constrain, b) for b in buffers)
+    buffers = (_tree_map(where.to_compute, state.ring),
+               _tree_map(where.to_compute, state.survivor_sum))
+    ring, sums = _gated(gate, take, push, lambda b: b, buffers)
     return LawaState(step=_increment(state.step),
                      count=state.count + take.astype(jnp.int32),
-                     ring=ring, evicted=evicted, total=total, fresh=fresh)
+                     ring=_tree_map(where.constrain, ring),
+                     survivor_sum=_tree_map(where.constrain, sums))
 
   def average(state, params):
     n = jnp.maximum(jnp.minimum(state.count, k), 1)
+    head = state.count % k
 
-    def leaf(t, p):
-      mean = where.unlayout(where.to_compute(t), p) / n.astype(t.dtype)
+    def leaf(r, s, p):
+      r, s = where.to_compute(r), where.to_compute(s)
+      total = s + jax.lax.dynamic_index_in_dim(r, head, 0, keepdims=False).astype(s.dtype)
+      mean = where.unlayout(total, p) / n.astype(s.dtype)
       return jnp.where(state.count > 0, mean.astype(p.dtype), p)
 
-    return _tree_map(leaf, state.total, params)
+    return _tree_map(leaf, state.ring, state.survivor_sum, params)
 
   return Averager(init, update, average, where)
