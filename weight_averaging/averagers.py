@@ -127,13 +127,24 @@ def _sampling(step, every: int, start_step: int):
   return (step >= start_step) & (step % every == 0)
 
 
-def _gated(gate: str, take, sample: Callable, skip: Callable, operand):
-  """Runs `sample` where `take` and `skip` elsewhere, as `lax.cond` or a select."""
+def _gated(gate: str, take, sample: Callable, buffers, where):
+  """`sample(buffers)` where `take`, else `buffers` unchanged, as the placement stores them.
+
+  With ``gate='cond'`` the buffers move to device memory (``host`` placement) and
+  are read and written only inside the sampling branch, so a step that does not
+  sample touches none of them. ``'mask'`` computes both and selects.
+  """
+  def to_compute(b):
+    return _tree_map(where.to_compute, b)
+
+  def constrain(b):
+    return _tree_map(where.constrain, b)
+
   if gate == "cond":
-    return jax.lax.cond(take, sample, skip, operand)
-  sampled, skipped = sample(operand), skip(operand)
-  return jax.tree_util.tree_map(
-      lambda a, b: jnp.where(take, a, b), sampled, skipped)
+    return jax.lax.cond(take, lambda b: constrain(sample(to_compute(b))), lambda b: b,
+                        buffers)
+  current = to_compute(buffers)
+  return constrain(_tree_map(lambda a, b: jnp.where(take, a, b), sample(current), current))
 
 
 def _tree_map(fn, *trees):
@@ -206,11 +217,9 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
           lambda a, p: (decay * a + (1.0 - decay) * stored(p)).astype(a.dtype),
           avg, params)
 
-    avg = _tree_map(where.to_compute, state.ema)
-    avg = _gated(gate, take, sample, lambda a: a, avg)
     return EmaState(step=_increment(state.step),
                     count=state.count + take.astype(jnp.int32),
-                    ema=_tree_map(where.constrain, avg))
+                    ema=_gated(gate, take, sample, state.ema, where))
 
   def average(state, params):
     if debias:
@@ -320,13 +329,10 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
       return (treedef.unflatten([x[0] for x in flat]),
               treedef.unflatten([x[1] for x in flat]))
 
-    buffers = (_tree_map(where.to_compute, state.ring),
-               _tree_map(where.to_compute, state.survivor_sum))
-    ring, sums = _gated(gate, take, push, lambda b: b, buffers)
+    ring, sums = _gated(gate, take, push, (state.ring, state.survivor_sum), where)
     return LawaState(step=_increment(state.step),
                      count=state.count + take.astype(jnp.int32),
-                     ring=_tree_map(where.constrain, ring),
-                     survivor_sum=_tree_map(where.constrain, sums))
+                     ring=ring, survivor_sum=sums)
 
   def average(state, params):
     n = jnp.maximum(jnp.minimum(state.count, k), 1)
