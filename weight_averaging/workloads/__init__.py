@@ -1,0 +1,13 @@
+"""Embedded workloads with AlgoPerf's `Workload` interface, small enough for a laptop CPU."""
+
+from weight_averaging.workloads.teacher_student import TeacherStudentWorkload
+
+WORKLOADS = {"teacher_student": TeacherStudentWorkload}
+DEFAULT = "teacher_student"
+
+
+def get_workload(name: str = DEFAULT, api: str = "jit"):
+  """An instance of the embedded workload `name` for `api` ('jit' or 'pmap')."""
+  if name not in WORKLOADS:
+    raise ValueError(f"unknown embedded workload {name!r}; available: {sorted(WORKLOADS)}")
+  return WORKLOADS[name](api=api)
