@@ -17,6 +17,9 @@ setup(
         "optax>=0.2.2",
         "numpy>=1.24",
         "absl-py",
+        "orbax-checkpoint",
+        "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],

@@ -1,102 +1,142 @@
-"""Command line: ``python -m weight_averaging demo``.
+"""Command line: ``python -m weight_averaging demo [--output_dir DIR] [--seeds N]``.
 
-The demo trains a small noisy regression problem with Adam at a constant learning
-rate, the regime where averaging helps most visibly: the live weights bounce around
-the optimum at the scale of the step size, while EMA and LAWA averages of the
-trajectory sit much closer to it. It prints the held-out loss of the live weights
-and of both averages as training goes on.
+The main job: NadamW, NadamW+EMA and NadamW+LAWA (the jit-API submissions of this
+package, unchanged) train on the embedded workload through the embedded runner, a
+few seeds each. It prints the steps and submission time each needs to reach the
+workload's validation target, with the ratio to NadamW (the paper's headline
+measure), writes every run in AlgoPerf's experiment layout under ``DIR``
+(``DIR/<submission>/study_<seed>/teacher_student_jax/trial_1/``), a
+``DIR/summary.json``, and the paper's first two figures as PNG: validation curves
+and steps-to-target bars.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-import weight_averaging as wa
+SUBMISSIONS = ("nadamw", "nadamw_ema", "nadamw_lawa")
+LABELS = {"nadamw": "NadamW", "nadamw_ema": "NadamW + EMA", "nadamw_lawa": "NadamW + LAWA"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _regression_data(seed: int, num_train: int, num_eval: int, dim: int):
-  rng = np.random.default_rng(seed)
-  w_true = rng.normal(size=(dim,)).astype(np.float32)
-  def split(n):
-    x = rng.normal(size=(n, dim)).astype(np.float32)
-    y = x @ w_true + 0.5 * rng.normal(size=(n,)).astype(np.float32)
-    return jnp.asarray(x), jnp.asarray(y)
-  return split(num_train), split(num_eval)
+def _median(values):
+  values = [v for v in values if v is not None]
+  return statistics.median(values) if values else None
 
 
-def demo(seed: int = 0, steps: int = 2000, every: int = 8, out=sys.stdout) -> dict:
-  """Trains once and records eval losses of live, EMA and LAWA weights."""
-  (x_train, y_train), (x_eval, y_eval) = _regression_data(seed, 4096, 4096, 64)
-  batch_size = 32
-  optimizer = optax.adam(3e-2)
-  averagers = {"ema": wa.ema(0.9, every=every), "lawa": wa.lawa(20, every=every)}
+def run_demo(output_dir: str, seeds: int, overwrite: bool = True,
+             progress: bool = True, out=sys.stdout) -> dict:
+  """Trains the three submissions for `seeds` seeds; returns the summary dict."""
+  from weight_averaging import runner, workloads  # pylint: disable=g-import-not-at-top
 
-  def loss(params, x, y):
-    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+  workload = workloads.get_workload(workloads.DEFAULT, api="jit")
+  runs = {name: {} for name in SUBMISSIONS}
+  curves = {name: {} for name in SUBMISSIONS}
+  start = time.time()
+  for seed in range(seeds):
+    for name in SUBMISSIONS:
+      [result] = runner.run_experiment(
+          workload_name=workload.name,
+          submission_path=os.path.join(REPO, "submissions", "jit", name, "submission.py"),
+          tuning_search_space=os.path.join(REPO, "tuning_search_spaces", "embedded",
+                                           f"{name}.json"),
+          experiment_dir=os.path.join(output_dir, name), experiment_name=f"study_{seed}",
+          rng_seed=seed, overwrite=overwrite, progress=progress, save_checkpoints=False)
+      runs[name][seed] = {"steps_to_target": result.reached_target_step,
+                          "submission_time_to_target": result.reached_target_time,
+                          "log_dir": result.log_dir}
+      curves[name][seed] = [(r["global_step"], r["validation/loss"])
+                            for r in result.eval_results]
 
-  @jax.jit
-  def step(params, opt_state, avg_states, key):
-    idx = jax.random.randint(key, (batch_size,), 0, x_train.shape[0])
-    grads = jax.grad(loss)(params, x_train[idx], y_train[idx])
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    avg_states = {name: averagers[name].update(s, params)
-                  for name, s in avg_states.items()}
-    return params, opt_state, avg_states
-
-  @jax.jit
-  def evaluate(params, avg_states):
-    losses = {"live": loss(params, x_eval, y_eval)}
-    for name, s in avg_states.items():
-      losses[name] = loss(averagers[name].average(s, params), x_eval, y_eval)
-    return losses
-
-  params = {"w": jnp.zeros((x_train.shape[1],)), "b": jnp.zeros(())}
-  opt_state = optimizer.init(params)
-  avg_states = {name: a.init(params) for name, a in averagers.items()}
-  key = jax.random.PRNGKey(seed)
-  history = []
-  start = time.perf_counter()
-  print(f"Adam at a constant learning rate on noisy linear regression; averaging every "
-        f"{every} steps (EMA beta 0.9, LAWA k 20). Held-out MSE (noise floor 0.25):",
+  base = {s: runs["nadamw"][s]["steps_to_target"] for s in range(seeds)}
+  summary = {"workload": workload.name, "target": {
+      "metric": "validation/" + workload.target_metric_name,
+      "value": workload.validation_target_value}, "step_hint": workload.step_hint,
+      "seeds": seeds, "runs": runs, "median": {}}
+  print(f"\n{workload.name}: steps and submission time to validation "
+        f"{workload.target_metric_name} < {workload.validation_target_value} "
+        f"(step_hint {workload.step_hint}), median over {seeds} seeds", file=out)
+  print(f"{'submission':<16}{'steps':>8}{'time s':>9}{'steps / NadamW':>16}   per seed",
         file=out)
-  print(f"{'step':>6} {'live':>9} {'EMA':>9} {'LAWA':>9}", file=out)
-  for t in range(1, steps + 1):
-    params, opt_state, avg_states = step(params, opt_state, avg_states,
-                                         jax.random.fold_in(key, t))
-    if t % (steps // 10) == 0:
-      losses = {k: float(v) for k, v in evaluate(params, avg_states).items()}
-      history.append({"step": t, **losses})
-      print(f"{t:>6} {losses['live']:>9.4f} {losses['ema']:>9.4f} {losses['lawa']:>9.4f}",
-            file=out)
-  final = history[-1]
-  print(f"Final held-out MSE: live {final['live']:.4f}, EMA {final['ema']:.4f} "
-        f"({final['ema'] / final['live']:.0%} of live), LAWA {final['lawa']:.4f} "
-        f"({final['lawa'] / final['live']:.0%} of live); "
-        f"{time.perf_counter() - start:.1f}s.", file=out)
-  return {"history": history}
+  for name in SUBMISSIONS:
+    steps = [runs[name][s]["steps_to_target"] for s in range(seeds)]
+    times = [runs[name][s]["submission_time_to_target"] for s in range(seeds)]
+    ratios = [a / b if a and b else None for a, b in zip(steps, base.values())]
+    med = {"steps_to_target": _median(steps), "submission_time_to_target": _median(times),
+           "ratio_to_nadamw": _median(ratios), "reached": sum(s is not None for s in steps)}
+    summary["median"][name] = med
+    fmt = lambda v, f: "—" if v is None else format(v, f)
+    print(f"{LABELS[name]:<16}{fmt(med['steps_to_target'], '>8.0f')}"
+          f"{fmt(med['submission_time_to_target'], '>9.1f')}"
+          f"{fmt(med['ratio_to_nadamw'], '>16.2f')}   "
+          f"{['—' if s is None else s for s in steps]}", file=out)
+  summary["wall_time_s"] = time.time() - start
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  figures = _plot(output_dir, curves, runs, workload, seeds)
+  print(f"\nRuns, summary.json and figures ({', '.join(figures)}) in {output_dir}; "
+        f"{summary['wall_time_s']:.0f}s in all.", file=out)
+  return summary
+
+
+def _plot(output_dir, curves, runs, workload, seeds):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  colors = {"nadamw": "tab:gray", "nadamw_ema": "tab:blue", "nadamw_lawa": "tab:orange"}
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in SUBMISSIONS:
+    for seed, curve in curves[name].items():
+      steps, values = zip(*curve)
+      ax.plot(steps, values, color=colors[name], alpha=0.8, lw=1.2,
+              label=LABELS[name] if seed == 0 else None)
+  ax.axhline(workload.validation_target_value, color="k", ls=":", lw=1, label="target")
+  ax.set(xlabel="step", ylabel="validation loss", title=f"{workload.name}: validation curves",
+         ylim=(workload.validation_target_value - 0.05, workload.validation_target_value + 0.25))
+  ax.legend()
+  fig.tight_layout()
+  curves_png = os.path.join(output_dir, "validation_curves.png")
+  fig.savefig(curves_png, dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for i, name in enumerate(SUBMISSIONS):
+    steps = [runs[name][s]["steps_to_target"] for s in range(seeds)]
+    reached = [s for s in steps if s is not None]
+    if reached:
+      ax.bar(i, statistics.median(reached), color=colors[name], alpha=0.8)
+      ax.scatter([i] * len(reached), reached, color="k", s=12, zorder=3)
+  ax.axhline(workload.step_hint, color="k", ls=":", lw=1, label="step_hint")
+  ax.set_xticks(range(len(SUBMISSIONS)), [LABELS[n] for n in SUBMISSIONS])
+  ax.set(ylabel="steps to validation target", title="steps to target (median, seeds)")
+  ax.legend()
+  fig.tight_layout()
+  bars_png = os.path.join(output_dir, "steps_to_target.png")
+  fig.savefig(bars_png, dpi=120)
+  plt.close(fig)
+  return [os.path.basename(curves_png), os.path.basename(bars_png)]
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m weight_averaging")
   commands = parser.add_subparsers(dest="command", required=True)
-  demo_parser = commands.add_parser("demo", help="see averaging beat the live weights")
-  demo_parser.add_argument("--seed", type=int, default=0)
-  demo_parser.add_argument("--steps", type=int, default=2000)
-  demo_parser.add_argument("--every", type=int, default=8)
+  demo = commands.add_parser("demo", help="NadamW vs +EMA vs +LAWA on the embedded workload")
+  demo.add_argument("--output_dir", default="demo_output")
+  demo.add_argument("--seeds", type=int, default=3)
+  demo.add_argument("--no_progress", action="store_true", help="hide the progress bars")
   args = parser.parse_args(argv)
-  if args.steps < 10:
-    parser.error(f"--steps must be at least 10, got {args.steps}")
-  if args.every < 1:
-    parser.error(f"--every must be at least 1, got {args.every}")
-  demo(seed=args.seed, steps=args.steps, every=args.every)
+  if args.seeds < 1:
+    parser.error(f"--seeds must be at least 1, got {args.seeds}")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # orbax and jax log at INFO
+  run_demo(args.output_dir, args.seeds, progress=not args.no_progress)
   return 0
 
 

@@ -106,10 +106,11 @@ class TeacherStudentWorkload:
 
   name = "teacher_student"
   target_metric_name = "loss"
-  # Fixed, not tuned per run: NadamW at the default search space's point reaches it
-  # late in its step_hint schedule, as AlgoPerf's baselines reach theirs.
-  validation_target_value = 1.5835
-  test_target_value = 1.5865
+  # Fixed, not tuned per run: NadamW at tuning_search_spaces/embedded/nadamw.json
+  # reaches it at 75-90% of its step_hint schedule, as AlgoPerf's baselines reach
+  # theirs (the teacher's own loss on its sampled labels is about 1.364).
+  validation_target_value = 1.472
+  test_target_value = 1.450
   step_hint = 2000
   eval_every_steps = 20  # the embedded runner evaluates by step interval
   eval_period_time_sec = 0.0
