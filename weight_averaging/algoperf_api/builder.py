@@ -182,15 +182,11 @@ class Runtime:
     def average(avg_state, live):
       return averager.average(avg_state, live)
 
-    def set_flag(holding, value):
-      return jnp.full_like(holding, value)
-
     if pmap:
       kw = {"axis_name": AXIS, "devices": self.devices}
       self._init = jax.pmap(init, **kw)
       self._step = jax.pmap(train_step, donate_argnums=(0, 1, 2), **kw)
       self._average = jax.pmap(average, **kw)
-      self._set_flag = jax.pmap(set_flag, static_broadcasted_argnums=1, **kw)
       return
 
     mesh = batch_mesh(devices)
@@ -201,7 +197,6 @@ class Runtime:
     self._train_step = train_step
     self._batch_sharding = batch_sharding
     self._average = jax.jit(average, out_shardings=replicated)
-    self._set_flag = jax.jit(set_flag, static_argnums=1, out_shardings=replicated)
 
   # -- jit needs the state's shardings, which depend on its shapes.
 
@@ -229,6 +224,14 @@ class Runtime:
     return state
 
   # -- The holding flag.
+
+  @staticmethod
+  def _flag_like(flag, value: int):
+    """A new flag array holding `value`, laid out like `flag` (no compilation)."""
+    host = np.full(np.shape(flag), value, np.int32)
+    if isinstance(flag, jax.Array):
+      return jax.device_put(host, flag.sharding)
+    return host  # a restored host array: the compiled step places it
 
   def _remember(self, state: TrainState, holding: bool):
     self._flag, self._holding = state.holding, holding
@@ -276,7 +279,7 @@ class Runtime:
       return state, params
     state, holding = self.adopt(state)
     if not holding:
-      state = state._replace(stash=params, holding=self._set_flag(state.holding, 1))
+      state = state._replace(stash=params, holding=self._flag_like(state.holding, 1))
     # A fresh buffer: the runner passes it to the next `update_params`, which
     # donates it; it must not alias anything in the state.
     averaged = self._average(state.averager, state.stash)

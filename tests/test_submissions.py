@@ -1,0 +1,581 @@
+"""The six submissions under a stand-in for AlgoPerf's runner loop, without algoperf.
+
+The loop does what `submission_runner.py` does with a submission: init, then per
+step `data_selection` and `update_params`; at eval steps `prepare_for_eval`, an eval
+of the params it returns, and training continues *from those params*; checkpoints
+are saved and restored with each API's convention (jit: arrays as they are; pmap:
+``x[0]`` of every leaf on save, replicated again on restore).
+"""
+
+import collections
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from weight_averaging import algoperf_api
+
+APIS = ("jit", "pmap")
+ALGORITHMS = ("nadamw", "nadamw_ema", "nadamw_lawa")
+DEVICE_COUNTS = (1, 4)
+
+BASE = dict(learning_rate=0.02, one_minus_beta1=0.1, beta2=0.99, weight_decay=0.1,
+            warmup_factor=0.1, label_smoothing=0.1, dropout_rate=0.0)
+# Small nu, k and a start step so that a 13-step run samples, wraps the LAWA ring
+# and has evals before and after the first sample.
+AVERAGING = dict(averaging_every=2, averaging_start_step=1, ema_beta=0.6, lawa_k=3)
+STEP_HINT = 20
+NUM_STEPS = 13
+EVAL_AT = (0, 4, 5, 9, 12)  # step 0 is always eligible in the runner
+GLOBAL_BATCH = 8
+
+SHAPES = {"hidden": {"kernel": (5, 7), "bias": (7,)},
+          "out": {"kernel": (7, 3), "bias": (3,)}}
+
+
+def hparams(algorithm, **overrides):
+  values = dict(BASE)
+  if algorithm != "nadamw":
+    values.update(AVERAGING)
+  values.update(overrides)
+  values = {k: v for k, v in values.items() if v is not None}
+  # The runner hands a namedtuple (halton.generate_search).
+  return collections.namedtuple("Hyperparameters", sorted(values))(**values)
+
+
+def load(api, algorithm):
+  return importlib.import_module(f"submissions.{api}.{algorithm}.submission")
+
+
+# ----------------------------------------------------------------------------
+# A tiny workload with the AlgoPerf Workload members the submissions use.
+
+
+class ShapeTuple:
+  def __init__(self, shape):
+    self.shape_tuple = tuple(shape)
+
+
+def _mlp(params, x):
+  h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+  return h @ params["out"]["kernel"] + params["out"]["bias"]
+
+
+def _loss(labels, logits, mask, label_smoothing):
+  num_classes = logits.shape[-1]
+  one_hot = jax.nn.one_hot(labels, num_classes)
+  target = one_hot * (1 - label_smoothing) + label_smoothing / num_classes
+  per_example = -jnp.sum(target * jax.nn.log_softmax(logits), axis=-1)
+  mask = jnp.ones_like(per_example) if mask is None else mask
+  per_example = per_example * mask
+  return {"summed": jnp.sum(per_example), "n_valid_examples": jnp.sum(mask),
+          "per_example": per_example}
+
+
+class TinyWorkload:
+  """An MLP classifier; a call counter stands in for batch-norm statistics."""
+
+  step_hint = STEP_HINT
+  metrics_logger = None
+
+  def __init__(self, api, devices):
+    self.api, self.devices = api, devices
+    self.param_shapes = jax.tree_util.tree_map(
+        ShapeTuple, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+    self.model_params_types = jax.tree_util.tree_map(
+        lambda _: "weight", SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+    self.dropout_rates = []
+
+  def init_model_fn(self, seed):
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(
+        lambda s: (rng.normal(size=s) / math.sqrt(s[0])).astype(np.float32), SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple))
+    model_state = {"calls": np.zeros([], np.float32)}
+    return place(self.api, self.devices, params), place(self.api, self.devices,
+                                                        model_state)
+
+  def model_fn(self, params, batch, model_state, mode, rng, update_batch_norm,
+               dropout_rate):
+    del mode, rng
+    self.dropout_rates.append(dropout_rate)
+    new_state = {"calls": model_state["calls"] + 1} if update_batch_norm else model_state
+    return _mlp(params, batch["inputs"]), new_state
+
+  def loss_fn(self, label_batch, logits_batch, mask_batch=None, label_smoothing=0.0):
+    return _loss(label_batch, logits_batch, mask_batch, label_smoothing)
+
+
+def make_batch(step):
+  rng = np.random.default_rng(1000 + step)
+  weights = np.ones(GLOBAL_BATCH, np.float32)
+  weights[step % GLOBAL_BATCH] = 0.0  # a padded example, as in ogbg
+  return {"inputs": rng.normal(size=(GLOBAL_BATCH, 5)).astype(np.float32),
+          "targets": rng.integers(0, 3, size=GLOBAL_BATCH).astype(np.int32),
+          "weights": weights}
+
+
+def replicate(tree, devices):
+  """pmap layout: a leading device axis (what `flax.jax_utils.replicate` does)."""
+  n = len(devices)
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put_sharded([np.asarray(x)] * n, devices)
+      if hasattr(jax, "device_put_sharded") else np.broadcast_to(
+          np.asarray(x), (n,) + np.shape(x)).copy(), tree)
+
+
+def place(api, devices, tree):
+  if api == "pmap":
+    return replicate(tree, devices)
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def place_batch(api, devices, batch):
+  if api == "pmap":
+    n = len(devices)
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+  mesh = Mesh(np.asarray(devices), ("batch",))
+  return jax.device_put(batch, NamedSharding(mesh, PartitionSpec("batch")))
+
+
+def host(api, tree):
+  """The runner-visible value of a tree, on the host (device 0's copy under pmap)."""
+  if api == "pmap":
+    return jax.tree_util.tree_map(lambda x: np.array(x[0]), tree)
+  return jax.tree_util.tree_map(np.array, tree)
+
+
+def save_restore(api, devices, tree):
+  """The runner's checkpoint round trip for `api` (flax serialises host arrays)."""
+  if api == "pmap":
+    saved = jax.tree_util.tree_map(lambda x: np.array(np.asarray(x)[0]), tree)
+    return replicate(saved, devices)
+  return jax.tree_util.tree_map(np.array, tree)
+
+
+def buffer_pointers(tree):
+  pointers = set()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+      for shard in leaf.addressable_shards:
+        pointers.add(shard.data.unsafe_buffer_pointer())
+  return pointers
+
+
+def build(api, algorithm, devices):
+  """The submission's builder call, on `devices` (the files use every device)."""
+  make_averager = {"nadamw": None,
+                   "nadamw_ema": algoperf_api.ema_from_hyperparameters,
+                   "nadamw_lawa": algoperf_api.lawa_from_hyperparameters}[algorithm]
+  return algoperf_api.build_submission(algoperf_api.nadamw_from_hyperparameters,
+                                       make_averager, api=api, devices=devices)
+
+
+def run(api, algorithm, num_devices, hp=None, checkpoint_after=None,
+        double_prepare=True):
+  """The runner loop; returns the live trajectory, the evals and the final state.
+
+  checkpoint_after: after the eval at this step the run is saved, everything is
+  dropped, and it resumes from the checkpoint with a freshly initialised submission
+  (as `maybe_restore_checkpoint` does).
+  """
+  devices = jax.devices()[:num_devices]
+  sub = build(api, algorithm, devices)
+  hp = hp or hparams(algorithm)
+  workload = TinyWorkload(api, devices)
+  params, model_state = workload.init_model_fn(0)
+  opt_state = sub.init_optimizer_state(workload, params, model_state, hp,
+                                       jax.random.PRNGKey(0))
+  live, evals, model_states = [], [], []
+  queue = iter([place_batch(api, devices, make_batch(s)) for s in range(NUM_STEPS)])
+  for step in range(NUM_STEPS):
+    rng = jax.random.PRNGKey(step)
+    batch = sub.data_selection(workload, queue, opt_state, params, model_state, hp,
+                               step, rng)
+    opt_state, params, model_state = sub.update_params(
+        workload, params, workload.model_params_types, model_state, hp, batch,
+        "softmax_cross_entropy", opt_state, [], step, rng, train_state={})
+    live.append(host(api, params))
+    model_states.append(host(api, model_state))
+    if step not in EVAL_AT:
+      continue
+    for _ in range(2 if double_prepare and step % 2 else 1):
+      old_state = opt_state[0]  # kept alive, so its buffers cannot be reused
+      opt_state, params, model_state = sub.prepare_for_eval(
+          workload, params, workload.model_params_types, model_state, hp,
+          "softmax_cross_entropy", opt_state, [], step, rng)
+      if algorithm != "nadamw":
+        # Fresh buffers: the next update_params donates them with the state.
+        assert not buffer_pointers(params) & buffer_pointers(opt_state[0])
+        assert not buffer_pointers(params) & buffer_pointers(old_state)
+      del old_state
+    evals.append((step, host(api, params)))
+    # The runner evaluates what prepare_for_eval returned (and trains on from it).
+    x = jnp.asarray(make_batch(99)["inputs"])
+    assert np.isfinite(np.asarray(_mlp(host(api, params), x))).all()
+    if step == checkpoint_after:
+      saved = (save_restore(api, devices, opt_state[0]),
+               save_restore(api, devices, params),
+               save_restore(api, devices, model_state))
+      del opt_state, params, model_state
+      sub = build(api, algorithm, devices)
+      workload = TinyWorkload(api, devices)
+      fresh_params, fresh_model_state = workload.init_model_fn(1)
+      fresh = sub.init_optimizer_state(workload, fresh_params, fresh_model_state, hp,
+                                       jax.random.PRNGKey(0))
+      opt_state = (saved[0], fresh[1])  # the runner re-attaches update_fn
+      params, model_state = saved[1], saved[2]
+  return dict(live=live, evals=evals, state=host(api, opt_state[0]),
+              model_states=model_states, workload=workload)
+
+
+_CACHE = {}
+
+
+def cached_run(api, algorithm, num_devices):
+  key = (api, algorithm, num_devices)
+  if key not in _CACHE:
+    _CACHE[key] = run(api, algorithm, num_devices)
+  return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------
+# Independent references.
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def reference_nadamw_trajectory(num_devices):
+  """Plain NadamW in NumPy (float64 moments) on gradients from an independent loss."""
+  hp = BASE
+  b1, b2, eps = 1 - hp["one_minus_beta1"], hp["beta2"], 1e-8
+  lr, wd, warm = hp["learning_rate"], hp["weight_decay"], hp["warmup_factor"]
+  del num_devices
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: (rng.normal(size=s) / math.sqrt(s[0])).astype(np.float32), SHAPES,
+      is_leaf=lambda x: isinstance(x, tuple))
+
+  def mean_loss(p, batch):
+    out = _loss(batch["targets"], _mlp(p, batch["inputs"]), batch["weights"],
+                hp["label_smoothing"])
+    return out["summed"] / out["n_valid_examples"]
+
+  grad_fn = jax.jit(jax.grad(mean_loss))
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  mu = [np.zeros(x.shape) for x in flat]
+  nu = [np.zeros(x.shape) for x in flat]
+  warmup = int(warm * STEP_HINT)
+  trajectory = []
+  for t in range(NUM_STEPS):
+    grads = leaves(grad_fn(treedef.unflatten(flat), make_batch(t)))
+    if t < warmup:
+      eta = lr * t / warmup
+    else:
+      decay = max(STEP_HINT - warmup, 1)
+      eta = lr * 0.5 * (1 + math.cos(math.pi * min(t - warmup, decay) / decay))
+    new = []
+    for i, (p, g) in enumerate(zip(flat, grads)):
+      g = g.astype(np.float64)
+      mu[i] = b1 * mu[i] + (1 - b1) * g
+      nu[i] = b2 * nu[i] + (1 - b2) * g * g
+      m_hat = (b1 * mu[i] + (1 - b1) * g) / (1 - b1 ** (t + 1))
+      v_hat = nu[i] / (1 - b2 ** (t + 1))
+      step = m_hat / (np.sqrt(v_hat) + eps) + wd * p
+      new.append((p - eta * step).astype(np.float32))
+    flat = new
+    trajectory.append(treedef.unflatten(flat))
+  return trajectory
+
+
+def brute_force_average(algorithm, live, upto):
+  """The average after step `upto` of the live trajectory, from scratch (float64)."""
+  every, start = AVERAGING["averaging_every"], AVERAGING["averaging_start_step"]
+  sampled = [leaves(live[t]) for t in range(upto + 1) if t >= start and t % every == 0]
+  if not sampled:
+    return leaves(live[upto])  # nothing sampled yet: the live params
+  if algorithm == "nadamw_lawa":
+    window = sampled[-AVERAGING["lawa_k"]:]
+    return [np.mean([s[i].astype(np.float64) for s in window], axis=0)
+            for i in range(len(window[0]))]
+  beta = AVERAGING["ema_beta"]
+  avg = [x.astype(np.float64) for x in sampled[0]]
+  for s in sampled[1:]:
+    avg = [beta * a + (1 - beta) * x for a, x in zip(avg, s)]
+  return avg
+
+
+# ----------------------------------------------------------------------------
+# Tests.
+
+
+@pytest.mark.parametrize("num_devices", DEVICE_COUNTS)
+@pytest.mark.parametrize("api", APIS)
+def test_plain_nadamw_matches_numpy_reference(api, num_devices):
+  got = cached_run(api, "nadamw", num_devices)
+  want = reference_nadamw_trajectory(num_devices)
+  for t, (g, w) in enumerate(zip(got["live"], want)):
+    for a, b in zip(leaves(g), leaves(w)):
+      # float32 training vs float64 moments; with 4 devices the gradient sum is
+      # also reduced in another order.
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"step {t}")
+  # The plain submission's prepare_for_eval is the identity.
+  for step, params in got["evals"]:
+    for a, b in zip(leaves(params), leaves(got["live"][step])):
+      np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("num_devices", DEVICE_COUNTS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS[1:])
+@pytest.mark.parametrize("api", APIS)
+def test_averaging_matches_brute_force_and_never_changes_training(api, algorithm,
+                                                                  num_devices):
+  got = cached_run(api, algorithm, num_devices)
+  plain = cached_run(api, "nadamw", num_devices)
+  # Averaging never changes training: the same program computes the params, and
+  # the averager only reads them, so the trajectories agree bit for bit.
+  for t, (a, b) in enumerate(zip(got["live"], plain["live"])):
+    for x, y in zip(leaves(a), leaves(b)):
+      np.testing.assert_array_equal(x, y, err_msg=f"step {t}")
+  # Model state passes through live (never averaged, never reset by an eval).
+  assert [float(m["calls"]) for m in got["model_states"]] == list(
+      range(1, NUM_STEPS + 1))
+  assert [s for s, _ in got["evals"]] == list(EVAL_AT)
+  for step, params in got["evals"]:
+    want = brute_force_average(algorithm, got["live"], step)
+    for a, b in zip(leaves(params), want):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7, err_msg=f"eval {step}")
+  assert int(np.asarray(got["state"].holding)) == 1  # the last call was an eval
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("api", APIS)
+def test_resume_equals_uninterrupted_run(api, algorithm):
+  whole = cached_run(api, algorithm, 4)
+  resumed = run(api, algorithm, 4, checkpoint_after=5)
+  for a, b in zip(whole["live"], resumed["live"]):
+    for x, y in zip(leaves(a), leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  for (s1, a), (s2, b) in zip(whole["evals"], resumed["evals"]):
+    assert s1 == s2
+    for x, y in zip(leaves(a), leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  for x, y in zip(leaves(whole["state"]), leaves(resumed["state"])):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("placement", ["sharded", "host"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS[1:])
+def test_jit_placements_give_the_replicated_numbers(algorithm, placement):
+  hp = hparams(algorithm, averaging_placement=placement)
+  got = run("jit", algorithm, 4, hp=hp, checkpoint_after=4)
+  want = cached_run("jit", algorithm, 4)
+  for (_, a), (_, b) in zip(got["evals"], want["evals"]):
+    for x, y in zip(leaves(a), leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  for a, b in zip(got["live"], want["live"]):
+    for x, y in zip(leaves(a), leaves(b)):
+      # The partitioned program of 'sharded' is fused differently, which moves the
+      # live params by an ulp now and then: equal to float32 rounding only.
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["sharded", "host"])
+def test_pmap_refuses_placements_its_checkpoints_cannot_keep(placement):
+  devices = jax.devices()
+  sub = build("pmap", "nadamw_lawa", devices)
+  workload = TinyWorkload("pmap", devices)
+  params, model_state = workload.init_model_fn(0)
+  with pytest.raises(ValueError, match=f"'averaging_placement' = '{placement}'"):
+    sub.init_optimizer_state(workload, params, model_state,
+                             hparams("nadamw_lawa", averaging_placement=placement),
+                             jax.random.PRNGKey(0))
+
+
+def test_prepare_for_eval_after_restore_keeps_live_params():
+  """A checkpoint written after an eval resumes into prepare_for_eval, not a step."""
+  devices = jax.devices()
+  for api in APIS:
+    sub = build(api, "nadamw_ema", devices)
+    workload = TinyWorkload(api, devices)
+    params, model_state = workload.init_model_fn(0)
+    hp = hparams("nadamw_ema", averaging_start_step=0, averaging_every=1)
+    opt_state = sub.init_optimizer_state(workload, params, model_state, hp, None)
+    batch = place_batch(api, devices, make_batch(0))
+    args = ("softmax_cross_entropy",)
+    for step in range(3):
+      opt_state, params, model_state = sub.update_params(
+          workload, params, None, model_state, hp, batch, *args, opt_state, [], step,
+          jax.random.PRNGKey(step))
+    live = host(api, params)
+    opt_state, averaged, model_state = sub.prepare_for_eval(
+        workload, params, None, model_state, hp, *args, opt_state, [], 3, None)
+    restored = (save_restore(api, devices, opt_state[0]),
+                build(api, "nadamw_ema", devices).init_optimizer_state(
+                    workload, params, model_state, hp, None)[1])
+    opt_state, again, model_state = sub.prepare_for_eval(
+        workload, save_restore(api, devices, averaged), None, model_state, hp, *args,
+        restored, [], 3, None)
+    for x, y in zip(leaves(host(api, again)), leaves(host(api, averaged))):
+      np.testing.assert_array_equal(x, y)
+    for x, y in zip(leaves(host(api, opt_state[0].stash)), leaves(live)):
+      np.testing.assert_array_equal(x, y)
+    assert not np.allclose(leaves(host(api, again))[0], leaves(live)[0])
+
+
+def test_dropout_and_label_smoothing_reach_the_model_and_loss():
+  got = cached_run("jit", "nadamw_ema", 4)
+  assert set(got["workload"].dropout_rates) == {0.0}
+
+
+def test_module_level_api():
+  import inspect
+  for api in APIS:
+    for algorithm in ALGORITHMS:
+      module = load(api, algorithm)
+      for name in ("get_batch_size", "init_optimizer_state", "update_params",
+                   "prepare_for_eval", "data_selection"):
+        assert callable(getattr(module, name)), (api, algorithm, name)
+      assert "train_state" in inspect.signature(module.update_params).parameters
+      assert module.get_batch_size("ogbg") == 512
+      with pytest.raises(ValueError):
+        module.get_batch_size("ogbg_gelu")  # the runner then retries "ogbg"
+
+
+BAD = [
+    ("learning_rate", None), ("learning_rate", -1.0), ("learning_rate", "0.1"),
+    ("one_minus_beta1", 0.0), ("one_minus_beta1", 1.5), ("beta2", 1.0),
+    ("weight_decay", -0.1), ("warmup_factor", 1.5), ("label_smoothing", 1.0),
+    ("dropout_rate", -0.1), ("grad_clip", 0.0), ("grad_clip", True),
+    ("averaging_every", 0), ("averaging_every", 64.5), ("averaging_every", "64"),
+    ("averaging_every", True), ("averaging_start_step", -1),
+    ("averaging_placement", "gpu"), ("averaging_placement", 1),
+    ("ema_beta", 1.0), ("ema_beta", -0.2), ("ema_beta", float("nan")),
+    ("ema_beta", "0.9"), ("lawa_k", 0), ("lawa_k", 2.5),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD)
+def test_bad_hyperparameters_name_themselves(name, value):
+  algorithm = ("nadamw_ema" if name == "ema_beta" else
+               "nadamw_lawa" if name == "lawa_k" else "nadamw_lawa")
+  hp = hparams(algorithm, **{name: value}) if value is not None else hparams(
+      algorithm, **{name: None})
+  devices = jax.devices()
+  sub = build("jit", algorithm, devices)
+  workload = TinyWorkload("jit", devices)
+  params, model_state = workload.init_model_fn(0)
+  with pytest.raises(ValueError, match=name):
+    sub.init_optimizer_state(workload, params, model_state, hp, None)
+
+
+def test_good_hyperparameter_forms():
+  hp = algoperf_api.hyperparameters
+  assert hp.check_int("averaging_every", 64.0, 1) == 64  # Halton hands out floats
+  assert hp.check_int("averaging_every", np.int64(3), 1) == 3
+  assert hp.check_float("ema_beta", 0.2, 0.0, 1.0, high_open=True) == 0.2  # not int()
+  cfg = hp.averaging_config({})
+  assert cfg == (algoperf_api.DEFAULT_AVERAGING_EVERY, 0, "replicated")
+  assert (algoperf_api.DEFAULT_AVERAGING_EVERY, algoperf_api.DEFAULT_LAWA_K,
+          algoperf_api.DEFAULT_EMA_BETA) == (64, 20, 0.9)
+  # Self-tuning: no hyperparameters, the reference's self-tuning point.
+  assert hp.nadamw_config(None).learning_rate == pytest.approx(0.0017486387539278373)
+  with pytest.raises(ValueError, match="api"):
+    algoperf_api.build_submission(algoperf_api.nadamw_from_hyperparameters, api="tpu")
+
+
+def test_jit_host_placement_keeps_state_in_host_memory():
+  from weight_averaging import placement as placement_lib
+  devices = jax.devices()
+  sub = build("jit", "nadamw_lawa", devices)
+  workload = TinyWorkload("jit", devices)
+  params, model_state = workload.init_model_fn(0)
+  hp = hparams("nadamw_lawa", averaging_placement="host")
+  opt_state = sub.init_optimizer_state(workload, params, model_state, hp, None)
+  for step in range(3):
+    opt_state, params, model_state = sub.update_params(
+        workload, params, None, model_state, hp, place_batch("jit", devices,
+                                                             make_batch(step)),
+        None, opt_state, [], step, jax.random.PRNGKey(step))
+    opt_state, params, model_state = sub.prepare_for_eval(
+        workload, params, None, model_state, hp, None, opt_state, [], step, None)
+  # Where the backend has pinned host memory (the CPU backend since jax 0.7.1) the
+  # ring and sums live there; elsewhere 'host' falls back to device memory.
+  want = ("pinned_host" if "pinned_host" in placement_lib.backend_memory_kinds()
+          else None)
+  buffers = [x for x in jax.tree_util.tree_leaves(opt_state[0].averager) if x.ndim]
+  assert buffers
+  for leaf in buffers:
+    kind = leaf.sharding.memory_kind
+    assert kind == want or (want is None and kind != "pinned_host"), kind
+  for leaf in jax.tree_util.tree_leaves(params):  # what the runner evaluates
+    assert leaf.sharding.memory_kind != "pinned_host"
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_the_step_compiles_once_across_evals_and_resume(api):
+  devices = jax.devices()
+  sub = build(api, "nadamw_ema", devices)
+  workload = TinyWorkload(api, devices)
+  params, model_state = workload.init_model_fn(0)
+  hp = hparams("nadamw_ema")
+  opt_state = sub.init_optimizer_state(workload, params, model_state, hp, None)
+  runtime = opt_state[1]
+  for step in range(6):
+    opt_state, params, model_state = sub.update_params(
+        workload, params, None, model_state, hp,
+        place_batch(api, devices, make_batch(step)), None, opt_state, [], step,
+        jax.random.PRNGKey(step))
+    if step % 2:
+      opt_state, params, model_state = sub.prepare_for_eval(
+          workload, params, None, model_state, hp, None, opt_state, [], step, None)
+    if step == 3:
+      # A resume into the same runtime: the state comes back as host arrays and is
+      # placed by update_params; params and model state are placed as the runner's.
+      opt_state = (save_restore(api, devices, opt_state[0]), runtime)
+      params = place(api, devices, host(api, params))
+      model_state = place(api, devices, host(api, model_state))
+  if api == "jit":
+    assert runtime._step._cache_size() == 1
+
+
+class StatelessWorkload(TinyWorkload):
+  """Most AlgoPerf JAX workloads: ``model_state`` is None."""
+
+  def init_model_fn(self, seed):
+    params, _ = super().init_model_fn(seed)
+    return params, None
+
+  def model_fn(self, params, batch, model_state, mode, rng, update_batch_norm,
+               dropout_rate):
+    assert model_state is None
+    logits, _ = super().model_fn(params, batch, {"calls": 0.0}, mode, rng,
+                                 update_batch_norm, dropout_rate)
+    return logits, None
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_model_state_none(api):
+  devices = jax.devices()
+  sub = build(api, "nadamw_lawa", devices)
+  workload = StatelessWorkload(api, devices)
+  params, model_state = workload.init_model_fn(0)
+  hp = hparams("nadamw_lawa")
+  opt_state = sub.init_optimizer_state(workload, params, model_state, hp, None)
+  for step in range(4):
+    opt_state, params, model_state = sub.update_params(
+        workload, params, None, model_state, hp,
+        place_batch(api, devices, make_batch(step)), None, opt_state, [], step,
+        jax.random.PRNGKey(step))
+    assert model_state is None
+    opt_state, params, model_state = sub.prepare_for_eval(
+        workload, params, None, model_state, hp, None, opt_state, [], step, None)
+    assert model_state is None
