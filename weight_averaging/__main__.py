@@ -30,8 +30,9 @@ def _median(values):
 
 
 def run_demo(output_dir: str, seeds: int, overwrite: bool = True,
-             progress: bool = True, out=sys.stdout) -> dict:
+             progress: bool = True, out=None) -> dict:
   """Trains the three submissions for `seeds` seeds; returns the summary dict."""
+  out = out or sys.stdout
   from weight_averaging import runner, workloads  # pylint: disable=g-import-not-at-top
 
   workload = workloads.get_workload(workloads.DEFAULT, api="jit")

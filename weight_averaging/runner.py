@@ -332,6 +332,11 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
       preemption_count = runner_state["preemption_count"] + 1
       logging.info("resumed %s at step %d", log_dir, global_step)
 
+  # Whether to go on is decided anew: a resumed run may have a larger step budget.
+  train_state["training_complete"] = (
+      global_step >= max_steps or not train_state["is_time_remaining"] or
+      (stop_at_target and train_state["validation_goal_reached"]
+       and train_state["test_goal_reached"]))
   input_queue = workload.input_queue(data_rng, batch_size, start_step=global_step)
   prepare_for_eval = getattr(submission, "prepare_for_eval", None)
   reached_step = next((r["global_step"] for r in eval_results
