@@ -1,0 +1,143 @@
+"""Compile time and step time of Distributed Shampoo relative to NadamW.
+
+For each parameter pytree and optimizer, one jitted step (optimizer update and
+``apply_updates``) is compiled and timed:
+
+* ``compile_s``: ``lower().compile()`` wall time (AlgoPerf counts compilation);
+* ``step_s``: median time of a step that reuses the roots;
+* ``root_step_s``: time of a step that recomputes them (``count % every == 0``);
+* ``amortized_s``: ``step_s + (root_step_s - step_s) / every``, the mean step time
+  over one recompute period;
+
+and each Shampoo row is divided by NadamW's row on the same pytree. The goals of
+issue 6 are a compile ratio within 3x and an amortized ratio within 1.5x on CPU.
+
+Pytrees: ``mlp`` (784-1024-1024-10, a small-workload stand-in) and
+``transformer`` (a ~50M-parameter transformer-shaped pytree: embedding, per layer
+q/k/v/o kernels, a 4x MLP and layer-norm scales; the embedding exceeds
+``skip_dim_gt`` and gets the graft only).
+
+Run: ``python benchmarks/shampoo.py [--trees mlp transformer] [--output out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from weight_averaging.optimizers import nadamw as nadamw_lib
+from weight_averaging.optimizers import shampoo
+
+
+def mlp_shapes():
+  dims = (784, 1024, 1024, 10)
+  return {f"dense{i}": {"kernel": (a, b), "bias": (b,)}
+          for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))}
+
+
+def transformer_shapes(num_layers=10, d_model=512, vocab=32000, mlp_ratio=4):
+  shapes = {"embedding": (vocab, d_model), "final_norm": (d_model,)}
+  for i in range(num_layers):
+    shapes[f"layer{i:02d}"] = {
+        "query": (d_model, d_model), "key": (d_model, d_model),
+        "value": (d_model, d_model), "out": (d_model, d_model),
+        "mlp_in": (d_model, mlp_ratio * d_model), "mlp_in_bias": (mlp_ratio * d_model,),
+        "mlp_out": (mlp_ratio * d_model, d_model), "mlp_out_bias": (d_model,),
+        "norm1": (d_model,), "norm2": (d_model,)}
+  return shapes
+
+
+TREES = {"mlp": mlp_shapes, "transformer": transformer_shapes}
+
+
+def optimizers():
+  yield "nadamw", 1, nadamw_lib.nadamw(1e-3, weight_decay=0.1)
+  for every in (20, 100):
+    yield (f"shampoo google every={every}", every,
+           shampoo.distributed_shampoo(1e-3, preset="google", preconditioning_every=every,
+                                       start_preconditioning_step=0, weight_decay=0.1))
+  yield ("shampoo meta every=100", 100,
+         shampoo.distributed_shampoo(1e-3, preset="meta", weight_decay=0.1))
+
+
+def _block(tree):
+  jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
+
+
+def measure(shapes, name, every, opt, repeats):
+  rng = np.random.default_rng(0)
+  is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+  params = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(size=s).astype(np.float32) * 0.02), shapes,
+      is_leaf=is_shape)
+  grads = jax.tree_util.tree_map(lambda p: p * 0.1 + 1e-3, params)
+
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  start = time.perf_counter()
+  compiled = jax.jit(step).lower(params, state, grads).compile()
+  compile_s = time.perf_counter() - start
+
+  # count = 0: this step recomputes the roots.
+  start = time.perf_counter()
+  out = compiled(params, state, grads)
+  _block(out)
+  root_step_s = time.perf_counter() - start
+  params, state = out
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = compiled(params, state, grads)
+    _block(out)
+    times.append(time.perf_counter() - start)
+    params, state = out
+  step_s = statistics.median(times)
+  if every == 1:  # nothing to amortize
+    root_step_s = step_s
+  amortized_s = step_s + (root_step_s - step_s) / every
+  return dict(optimizer=name, every=every, compile_s=compile_s, step_s=step_s,
+              root_step_s=root_step_s, amortized_s=amortized_s)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--output", default=None, help="write the rows as JSON here")
+  args = parser.parse_args()
+  rows = []
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  for tree in args.trees:
+    shapes = TREES[tree]()
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+    n = sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(shapes, is_leaf=is_shape))
+    print(f"\n{tree}: {n / 1e6:.1f}M parameters")
+    print(f"{'optimizer':28s} {'compile s':>10s} {'step s':>9s} {'root step s':>12s} "
+          f"{'amortized s':>12s} {'compile x':>10s} {'amortized x':>12s}")
+    base = None
+    for name, every, opt in optimizers():
+      row = dict(tree=tree, num_params=n, **measure(shapes, name, every, opt, args.repeats))
+      base = base or row
+      row["compile_ratio"] = row["compile_s"] / base["compile_s"]
+      row["amortized_ratio"] = row["amortized_s"] / base["amortized_s"]
+      rows.append(row)
+      print(f"{name:28s} {row['compile_s']:10.2f} {row['step_s']:9.4f} "
+            f"{row['root_step_s']:12.4f} {row['amortized_s']:12.4f} "
+            f"{row['compile_ratio']:10.2f} {row['amortized_ratio']:12.2f}", flush=True)
+  if args.output:
+    with open(args.output, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
