@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -264,6 +265,17 @@ def _unreplicate(tree):
   return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_step_keys():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.jit(lambda rng, step: tuple(jax.random.split(jax.random.fold_in(rng, step), 4)))
+
+
+def _step_keys(rng, global_step):
+  """The step's four keys, as the official runner derives them, in one dispatch."""
+  return _compiled_step_keys()(rng, global_step)
+
+
 def _call(fn, **kwargs):
   """Calls a submission function, passing `train_state` only if it accepts it."""
   if "train_state" in kwargs and "train_state" not in inspect.signature(fn).parameters:
@@ -353,8 +365,7 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
   start = time.time() - (eval_results[-1]["total_duration"] if eval_results else 0.0)
   train_state["last_step_end_time"] = time.time()
   while not train_state["training_complete"]:
-    step_rng = jax.random.fold_in(rng, global_step)
-    data_select_rng, update_rng, prep_eval_rng, eval_rng = jax.random.split(step_rng, 4)
+    data_select_rng, update_rng, prep_eval_rng, eval_rng = _step_keys(rng, global_step)
     batch = submission.data_selection(
         workload=workload, input_queue=input_queue, optimizer_state=optimizer_state,
         current_param_container=params, model_state=model_state,
