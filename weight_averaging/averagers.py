@@ -113,6 +113,12 @@ def _check_gate(gate: Any) -> str:
   return gate
 
 
+def _check_common(every, start_step, dtype, gate, placement):
+  """The arguments `ema` and `lawa` share, checked; the placement resolved."""
+  return (_check_int("every", every, 1), _check_int("start_step", start_step, 0),
+          _check_dtype(dtype), _check_gate(gate), placement_lib.get(placement))
+
+
 # ----------------------------------------------------------------------------
 # Shared pieces.
 
@@ -193,11 +199,8 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
     An `Averager` whose state is an `EmaState`.
   """
   beta = _check_beta(beta)
-  every = _check_int("every", every, 1)
-  start_step = _check_int("start_step", start_step, 0)
-  dtype = _check_dtype(dtype)
-  gate = _check_gate(gate)
-  where = placement_lib.get(placement)
+  every, start_step, dtype, gate, where = _check_common(
+      every, start_step, dtype, gate, placement)
 
   def stored(p):
     return where.layout(p).astype(dtype or _accumulator_dtype(p.dtype, None))
@@ -287,11 +290,8 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
     An `Averager` whose state is a `LawaState`.
   """
   k = _check_int("k", k, 1)
-  every = _check_int("every", every, 1)
-  start_step = _check_int("start_step", start_step, 0)
-  dtype = _check_dtype(dtype)
-  gate = _check_gate(gate)
-  where = placement_lib.get(placement)
+  every, start_step, dtype, gate, where = _check_common(
+      every, start_step, dtype, gate, placement)
 
   def init(params):
     def ring(p):
