@@ -37,7 +37,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALGOPERF_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(algoperf.__file__)))
 UPSTREAM_TEST = os.path.join(ALGOPERF_ROOT, "tests", "reference_algorithm_tests.py")
 API = "jit" if importlib.util.find_spec("algoperf.jax_sharding_utils") else "pmap"
-SUBMISSIONS = ("nadamw", "nadamw_ema", "nadamw_lawa")
+SUBMISSIONS = ("nadamw", "nadamw_ema", "nadamw_lawa", "shampoo", "shampoo_ema",
+               "shampoo_lawa")
+# Shampoo's published points start preconditioning at step 100 and these runs are a
+# few steps long: the roots are switched on from the first step, so that the
+# preconditioned step (blocking, roots, their split over devices) is what runs.
+SHAMPOO_OVERRIDES = {"preconditioning_every": 1, "start_preconditioning_step": 0}
 BATCH_SIZE = {"mnist": 16, "ogbg": 8}
 ALIAS = "wa_algoperf_submissions"  # the import root of our submissions in the subprocesses
 TIMEOUT_S = 900
@@ -52,8 +57,22 @@ def _submission_path(name):
   return f"{ALIAS}/{API}/{name}/submission.py"
 
 
-def _search_space(name):
-  return os.path.join(REPO, "tuning_search_spaces", f"{name}.json")
+@pytest.fixture(scope="module")
+def search_space(tmp_path_factory):
+  """``name -> path`` of the search space a test runs ``name`` with."""
+  root = tmp_path_factory.mktemp("search_spaces")
+
+  def path(name):
+    shipped = os.path.join(REPO, "tuning_search_spaces", f"{name}.json")
+    if not name.startswith("shampoo"):
+      return shipped
+    with open(shipped) as f:
+      points = [dict(p, **SHAMPOO_OVERRIDES) for p in json.load(f)]
+    out = root / f"{name}.json"
+    out.write_text(json.dumps(points))
+    return str(out)
+
+  return path
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +122,13 @@ _UPSTREAM_WRAPPER = textwrap.dedent("""
 @pytest.mark.parametrize("workload,n_devices", [("mnist", 1), ("ogbg", 1), ("mnist", 4)],
                          ids=["mnist", "ogbg", "mnist-4dev"])
 @pytest.mark.parametrize("name", SUBMISSIONS)
-def test_upstream_reference_algorithm_test(import_root, tmp_path, name, workload, n_devices):
+def test_upstream_reference_algorithm_test(import_root, search_space, tmp_path, name,
+                                           workload, n_devices):
   args = [UPSTREAM_TEST,
           f"--workload={workload}", "--framework=jax",
           f"--global_batch_size={BATCH_SIZE[workload]}",
           f"--submission_path={_submission_path(name)}",
-          f"--tuning_search_space={_search_space(name)}",
+          f"--tuning_search_space={search_space(name)}",
           f"--log_file={tmp_path / 'log.pkl'}"]
   if n_devices > 1:
     args = ["-c", _UPSTREAM_WRAPPER] + args
@@ -174,13 +194,14 @@ _RUNNER_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("name", SUBMISSIONS)
-def test_score_submission_on_workload_calls_prepare_for_eval(import_root, tmp_path, name):
+def test_score_submission_on_workload_calls_prepare_for_eval(import_root, search_space,
+                                                             tmp_path, name):
   steps = 20
   log_dir = tmp_path / "logs"
   out_file = tmp_path / "calls.json"
   script = tmp_path / "run_runner.py"
   script.write_text(_RUNNER_SCRIPT)
-  _run([str(script), _submission_path(name), _search_space(name), str(log_dir),
+  _run([str(script), _submission_path(name), search_space(name), str(log_dir),
         str(steps), str(out_file)], _env(import_root))
 
   calls = json.loads(out_file.read_text())["calls"]

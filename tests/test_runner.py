@@ -133,6 +133,7 @@ def test_a_file_that_is_not_a_submission_is_refused(tmp_path):
     ('{"learning_rate": {"min": 0.1}}', "feasible_points"),
     ('{"learning_rate": {"min": 0, "max": 1, "scaling": "log"}}', "min 0.0 <= 0"),
     ('{"learning_rate": {"min": 0.1, "max": 1, "scaling": "cubic"}}', "scaling"),
+    ('[{"lr": 1, "wd": 0}, {"lr": 2}]', r"point 2 .* \(missing \['wd'\], extra \[\]\)"),
 ])
 def test_bad_search_spaces(tmp_path, content, match):
   path = tmp_path / "space.json"

@@ -1,4 +1,4 @@
-"""The six submissions under a stand-in for AlgoPerf's runner loop, without algoperf.
+"""The twelve submissions (NadamW, Shampoo; plain, EMA, LAWA; jit, pmap) in a runner loop.
 
 The loop does what `submission_runner.py` does with a submission: init, then per
 step `data_selection` and `update_params`; at eval steps `prepare_for_eval`, an eval
@@ -8,19 +8,28 @@ are saved and restored with each API's convention (jit: arrays as they are; pmap
 """
 
 import collections
+import glob
 import importlib
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from weight_averaging import algoperf_api
+from weight_averaging import runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 APIS = ("jit", "pmap")
 ALGORITHMS = ("nadamw", "nadamw_ema", "nadamw_lawa")
+SHAMPOO_ALGORITHMS = ("shampoo", "shampoo_ema", "shampoo_lawa")
+ALL_ALGORITHMS = ALGORITHMS + SHAMPOO_ALGORITHMS
+AVERAGED = tuple(a for a in ALL_ALGORITHMS if a.endswith(("_ema", "_lawa")))
 DEVICE_COUNTS = (1, 4)
 
 BASE = dict(learning_rate=0.02, one_minus_beta1=0.1, beta2=0.99, weight_decay=0.1,
@@ -28,6 +37,13 @@ BASE = dict(learning_rate=0.02, one_minus_beta1=0.1, beta2=0.99, weight_decay=0.
 # Small nu, k and a start step so that a 13-step run samples, wraps the LAWA ring
 # and has evals before and after the first sample.
 AVERAGING = dict(averaging_every=2, averaging_start_step=1, ema_beta=0.6, lawa_k=3)
+# Meta's recipe with roots every 2 steps from step 3, so that a 13-step run
+# preconditions, reuses stale roots and recomputes them. The tiny params merge
+# into vectors of 35 and 21 entries whose statistics gain one rank per step: with
+# the recipe's ridge of 1e-8 their roots would scale float32 rounding of the
+# gradient 10^4-fold, so the comparisons below use a ridge of 1e-3.
+SHAMPOO = dict(shampoo_preset="meta", preconditioning_every=2, matrix_epsilon=1e-3,
+               start_preconditioning_step=3, momentum=0.5)
 STEP_HINT = 20
 NUM_STEPS = 13
 EVAL_AT = (0, 4, 5, 9, 12)  # step 0 is always eligible in the runner
@@ -37,9 +53,15 @@ SHAPES = {"hidden": {"kernel": (5, 7), "bias": (7,)},
           "out": {"kernel": (7, 3), "bias": (3,)}}
 
 
+def base_optimizer(algorithm):
+  return algorithm.split("_")[0]
+
+
 def hparams(algorithm, **overrides):
   values = dict(BASE)
-  if algorithm != "nadamw":
+  if base_optimizer(algorithm) == "shampoo":
+    values.update(SHAMPOO)
+  if algorithm in AVERAGED:
     values.update(AVERAGING)
   values.update(overrides)
   values = {k: v for k, v in values.items() if v is not None}
@@ -170,11 +192,14 @@ def buffer_pointers(tree):
 
 def build(api, algorithm, devices):
   """The submission's builder call, on `devices` (the files use every device)."""
-  make_averager = {"nadamw": None,
-                   "nadamw_ema": algoperf_api.ema_from_hyperparameters,
-                   "nadamw_lawa": algoperf_api.lawa_from_hyperparameters}[algorithm]
-  return algoperf_api.build_submission(algoperf_api.nadamw_from_hyperparameters,
-                                       make_averager, api=api, devices=devices)
+  make_averager = (algoperf_api.ema_from_hyperparameters if algorithm.endswith("_ema")
+                   else algoperf_api.lawa_from_hyperparameters
+                   if algorithm.endswith("_lawa") else None)
+  make_optimizer = {"nadamw": algoperf_api.nadamw_from_hyperparameters,
+                    "shampoo": algoperf_api.shampoo_from_hyperparameters}[
+                        base_optimizer(algorithm)]
+  return algoperf_api.build_submission(make_optimizer, make_averager, api=api,
+                                       devices=devices)
 
 
 def run(api, algorithm, num_devices, hp=None, checkpoint_after=None,
@@ -210,7 +235,7 @@ def run(api, algorithm, num_devices, hp=None, checkpoint_after=None,
       opt_state, params, model_state = sub.prepare_for_eval(
           workload, params, workload.model_params_types, model_state, hp,
           "softmax_cross_entropy", opt_state, [], step, rng)
-      if algorithm != "nadamw":
+      if algorithm in AVERAGED:
         # Fresh buffers: the next update_params donates them with the state.
         assert not buffer_pointers(params) & buffer_pointers(opt_state[0])
         assert not buffer_pointers(params) & buffer_pointers(old_state)
@@ -302,7 +327,7 @@ def brute_force_average(algorithm, live, upto):
   sampled = [leaves(live[t]) for t in range(upto + 1) if t >= start and t % every == 0]
   if not sampled:
     return leaves(live[upto])  # nothing sampled yet: the live params
-  if algorithm == "nadamw_lawa":
+  if algorithm.endswith("_lawa"):
     window = sampled[-AVERAGING["lawa_k"]:]
     return [np.mean([s[i].astype(np.float64) for s in window], axis=0)
             for i in range(len(window[0]))]
@@ -333,13 +358,15 @@ def test_plain_nadamw_matches_numpy_reference(api, num_devices):
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("num_devices", DEVICE_COUNTS)
-@pytest.mark.parametrize("algorithm", ALGORITHMS[1:])
-@pytest.mark.parametrize("api", APIS)
+# Shampoo runs with 4 devices only here; its 1-device run is compared with the
+# 4-device ones in test_shampoo_runs_alike_on_one_device_jit_and_pmap.
+@pytest.mark.parametrize("api,algorithm,num_devices", [
+    (api, algorithm, n) for api in APIS for algorithm in AVERAGED for n in DEVICE_COUNTS
+    if n == 4 or base_optimizer(algorithm) == "nadamw"])
 def test_averaging_matches_brute_force_and_never_changes_training(api, algorithm,
                                                                   num_devices):
   got = cached_run(api, algorithm, num_devices)
-  plain = cached_run(api, "nadamw", num_devices)
+  plain = cached_run(api, base_optimizer(algorithm), num_devices)
   # Averaging never changes training: the same program computes the params, and
   # the averager only reads them, so the trajectories agree bit for bit.
   for t, (a, b) in enumerate(zip(got["live"], plain["live"])):
@@ -356,7 +383,7 @@ def test_averaging_matches_brute_force_and_never_changes_training(api, algorithm
   assert int(np.asarray(got["state"].holding)) == 1  # the last call was an eval
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", ALL_ALGORITHMS)
 @pytest.mark.parametrize("api", APIS)
 def test_resume_equals_uninterrupted_run(api, algorithm):
   whole = cached_run(api, algorithm, 4)
@@ -439,7 +466,7 @@ def test_dropout_and_label_smoothing_reach_the_model_and_loss():
 def test_module_level_api():
   import inspect
   for api in APIS:
-    for algorithm in ALGORITHMS:
+    for algorithm in ALL_ALGORITHMS:
       module = load(api, algorithm)
       for name in ("get_batch_size", "init_optimizer_state", "update_params",
                    "prepare_for_eval", "data_selection"):
@@ -579,3 +606,165 @@ def test_model_state_none(api):
     opt_state, params, model_state = sub.prepare_for_eval(
         workload, params, None, model_state, hp, None, opt_state, [], step, None)
     assert model_state is None
+
+
+# ----------------------------------------------------------------------------
+# Distributed Shampoo through the same glue.
+
+
+def reference_optimizer_trajectory(make_optimizer, hp):
+  """`make_optimizer`'s transform applied directly on one device, on the mean gradient.
+
+  No glue: an independent loss, `jax.grad`, `optax.apply_updates` in a Python loop.
+  """
+  params = TinyWorkload("jit", jax.devices()[:1]).init_model_fn(0)[0]
+  params = jax.tree_util.tree_map(np.asarray, params)
+
+  def mean_loss(p, batch):
+    out = _loss(batch["targets"], _mlp(p, batch["inputs"]), batch["weights"],
+                hp.label_smoothing)
+    return out["summed"] / out["n_valid_examples"]
+
+  optimizer = make_optimizer(hp, STEP_HINT)
+  state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(mean_loss)(params, batch)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  trajectory = []
+  for t in range(NUM_STEPS):
+    params, state = step(params, state, make_batch(t))
+    trajectory.append(jax.tree_util.tree_map(np.asarray, params))
+  return trajectory
+
+
+def test_shampoo_submission_is_the_optimizer_on_the_mean_gradient():
+  got = cached_run("jit", "shampoo", 1)["live"]
+  hp = hparams("shampoo")
+  want = reference_optimizer_trajectory(algoperf_api.shampoo_from_hyperparameters, hp)
+  for t, (a, b) in enumerate(zip(got, want)):
+    for x, y in zip(leaves(a), leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"step {t}")
+  # The roots matter: without preconditioning (the graft alone) the run departs.
+  graft_only = reference_optimizer_trajectory(
+      algoperf_api.shampoo_from_hyperparameters,
+      hparams("shampoo", start_preconditioning_step=10 ** 6))
+  for t in range(3):  # identical before start_preconditioning_step
+    for x, y in zip(leaves(got[t]), leaves(graft_only[t])):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  gap = max(np.max(np.abs(x - y)) for x, y in zip(leaves(got[-1]),
+                                                   leaves(graft_only[-1])))
+  assert gap > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["meta", "google"])
+def test_shampoo_runs_alike_on_one_device_jit_and_pmap(preset):
+  """The roots are split over the devices (mesh under jit, axis under pmap)."""
+  overrides = {} if preset == "meta" else dict(
+      shampoo_preset="google", momentum=None, block_size=4)
+  hp = hparams("shampoo_lawa", **overrides)
+  runs = {(api, n): run(api, "shampoo_lawa", n, hp=hp)
+          for api, n in (("jit", 1), ("jit", 4), ("pmap", 4))}
+  one = runs[("jit", 1)]
+  for key, other in runs.items():
+    for t, (a, b) in enumerate(zip(one["live"], other["live"])):
+      for x, y in zip(leaves(a), leaves(b)):
+        # The gradient is summed in another order over 4 devices: float32 rounding.
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5, err_msg=f"{key} {t}")
+    for (s1, a), (s2, b) in zip(one["evals"], other["evals"]):
+      for x, y in zip(leaves(a), leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5, err_msg=f"{key} {s1}")
+
+
+def test_shampoo_step_hint_factor_shortens_the_schedule():
+  got = run("jit", "shampoo", 1, hp=hparams("shampoo", step_hint_factor=0.5))["live"]
+  # The rate reaches 0 at step 10 = 0.5 * STEP_HINT: no move from then on.
+  assert not np.array_equal(leaves(got[8])[0], leaves(got[9])[0])
+  for t in range(10, NUM_STEPS):
+    for x, y in zip(leaves(got[t]), leaves(got[9])):
+      np.testing.assert_array_equal(x, y, err_msg=f"step {t}")
+
+
+def _search_space(name):
+  return runner.load_search_space(os.path.join(REPO, "tuning_search_spaces", name),
+                                  num_trials=5)
+
+
+def test_shampoo_search_spaces_hold_both_recipes():
+  hp = algoperf_api.hyperparameters
+  meta = [hp.shampoo_config(p) for p in _search_space("shampoo.json")]
+  assert [c.preset for c in meta] == ["meta"] * 5
+  for c in meta:  # Meta's fixed settings
+    assert (c.transform["block_size"], c.transform["merge_dims_threshold"],
+            c.transform["preconditioning_every"], c.transform["matrix_epsilon"],
+            c.transform["relative_matrix_epsilon"], c.transform["graft_per_block"]) == (
+                1024, 1024, 100, 1e-8, False, True)
+  # Point 3: no first moment, SGD grafting, Nesterov momentum 0.9685.
+  assert meta[2].transform["beta1"] == 0.0
+  assert meta[2].transform["graft_type"] == "sgd"
+  assert not meta[2].transform["use_nadam"]
+  assert meta[2].transform["momentum"] == pytest.approx(0.9685)
+  # Point 4: inverse root override 2, momentum 0.5; point 2: schedule over 0.6 T.
+  assert meta[3].transform["exponent_override"] == 2
+  assert meta[3].transform["momentum"] == 0.5
+  assert meta[1].step_hint_factor == 0.6
+  assert [c.transform["graft_type"] for c in meta] == ["adam", "adam", "sgd", "adam",
+                                                       "adam"]
+  google = [hp.shampoo_config(p) for p in _search_space("shampoo_google.json")]
+  for point, c in zip(_search_space("shampoo_google.json"), google):
+    assert c.preset == "google"
+    assert c.transform["momentum"] == pytest.approx(1 - point["one_minus_beta1"])
+    assert c.transform["beta1"] == 0.0
+    assert c.transform["graft_type"] == "rmsprop_normalized"
+    assert (c.transform["preconditioning_every"],
+            c.transform["start_preconditioning_step"]) == (20, 101)
+    assert 1e-4 <= c.learning_rate <= 1e-2
+
+
+def test_every_search_space_file_validates():
+  hp = algoperf_api.hyperparameters
+  placement = algoperf_api.resolve_placement("replicated", "jit")
+  paths = sorted(glob.glob(os.path.join(REPO, "tuning_search_spaces", "**", "*.json"),
+                           recursive=True))
+  assert len(paths) == 15  # nadamw*, shampoo*, shampoo_google*, embedded/*
+  for path in paths:
+    name = os.path.basename(path)[:-len(".json")]
+    for point in runner.load_search_space(path, num_trials=5):
+      optimizer = {"nadamw": hp.nadamw_from_hyperparameters,
+                   "shampoo": hp.shampoo_from_hyperparameters}[base_optimizer(name)]
+      assert optimizer(point, 1000) is not None
+      if name.endswith("_ema"):
+        assert hp.ema_from_hyperparameters(point, placement).placement is not None
+        assert "ema_beta" in point, path
+      elif name.endswith("_lawa"):
+        assert hp.lawa_from_hyperparameters(point, placement).placement is not None
+        assert "lawa_k" in point, path
+
+
+BAD_SHAMPOO = [
+    ("shampoo_preset", "adam"), ("shampoo_preset", None), ("graft_type", "lion"),
+    ("momentum", 1.0), ("use_nadam", "yes"), ("exponent_override", -1),
+    ("step_hint_factor", 0.0), ("block_size", 0), ("root_method", "svd"),
+    ("preconditioning_every", 2.5), ("start_preconditioning_step", -2),
+    ("one_minus_beta1", 0.0), ("beta2", 1.0), ("matrix_epsilon", 0.0),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_SHAMPOO)
+def test_bad_shampoo_hyperparameters_name_themselves(name, value):
+  values = hparams("shampoo")._asdict()
+  values[name] = value
+  with pytest.raises(ValueError, match=name):
+    algoperf_api.shampoo_from_hyperparameters(values, STEP_HINT)
+
+
+def test_google_recipe_refuses_meta_only_hyperparameters():
+  values = dict(hparams("shampoo")._asdict(), shampoo_preset="google")
+  with pytest.raises(ValueError, match="'momentum' belongs to shampoo_preset 'meta'"):
+    algoperf_api.shampoo_config(values)
+  del values["momentum"]
+  assert algoperf_api.shampoo_config(values).transform["momentum"] == pytest.approx(
+      1 - BASE["one_minus_beta1"])

@@ -170,6 +170,14 @@ def load_search_space(path: str, num_trials: int, seed: int = 0) -> List[Dict[st
   if isinstance(space, list):
     if not space or not all(isinstance(p, dict) for p in space):
       raise ValueError(f"search space {path}: a list must hold hyperparameter dicts")
+    for i, point in enumerate(space[1:], start=2):
+      # The official runner builds one namedtuple class from the first point's keys.
+      if set(point) != set(space[0]):
+        raise ValueError(
+            f"search space {path}: point {i} has other hyperparameters than point 1 "
+            f"(missing {sorted(set(space[0]) - set(point))}, extra "
+            f"{sorted(set(point) - set(space[0]))}); the official runner needs the "
+            "same names in every point")
     return [dict(p) for p in space[:num_trials]]
   if isinstance(space, dict):
     if not all(isinstance(v, dict) for v in space.values()):

@@ -49,7 +49,7 @@ from weight_averaging.optimizers import nadamw as nadamw_lib
 APIS = ("jit", "pmap")
 AXIS = "batch"  # the mesh axis (jit) and the mapped axis (pmap) the runner uses
 
-MakeOptimizer = Callable[[Any, int], optax.GradientTransformation]
+MakeOptimizer = Callable[[Any, int, hp.Distribution], optax.GradientTransformation]
 MakeAverager = Callable[[Any, placement_lib.Placement], averagers.Averager]
 
 
@@ -100,6 +100,13 @@ def resolve_placement(name: str, api: str,
       "pmap API: a pmapped step works on device memory only, so a host-resident "
       "state would be copied to the device and back around every step. Use "
       "'replicated', or the jit API for 'host'.")
+
+
+def distribution(api: str, devices: Optional[Sequence[Any]] = None) -> hp.Distribution:
+  """The pmap axis (pmap API) or the batch mesh (jit API) a step runs over."""
+  if api == "pmap":
+    return hp.Distribution(axis_name=AXIS)
+  return hp.Distribution(mesh=batch_mesh(devices), mesh_axis_name=AXIS)
 
 
 def _train_mode():
@@ -297,7 +304,9 @@ def build_submission(make_optimizer: MakeOptimizer,
   """The five AlgoPerf API functions for `make_optimizer` (+ `make_averager`).
 
   Args:
-    make_optimizer: ``(hyperparameters, step_hint) -> optax.GradientTransformation``.
+    make_optimizer: ``(hyperparameters, step_hint, distribution) ->
+      optax.GradientTransformation``; ``distribution`` (`hp.Distribution`) names
+      the pmap axis or the jit mesh, for optimizers that split work over devices.
     make_averager: ``(hyperparameters, placement) -> Averager``, or ``None`` for
       no averaging (then `prepare_for_eval` is the identity).
     api: ``'jit'`` (algoperf 2c90454f) or ``'pmap'`` (algoperf fb2f492a).
@@ -314,8 +323,9 @@ def build_submission(make_optimizer: MakeOptimizer,
 
   def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
     del model_state, rng
-    base = hp.nadamw_config(hyperparameters)
-    optimizer = make_optimizer(hyperparameters, workload.step_hint)
+    base = hp.training_config(hyperparameters)
+    optimizer = make_optimizer(hyperparameters, workload.step_hint,
+                               distribution(api, devices))
     averager = None
     if make_averager is not None:
       cfg = hp.averaging_config(hyperparameters)
