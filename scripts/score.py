@@ -1,0 +1,128 @@
+"""Scores AlgoPerf experiment logs: steps and time to target, fraction of a baseline, GPU-hours,
+best validation metrics and the performance-profile score; prints tables, writes JSON and CSV.
+
+  python scripts/score.py --experiment_dir=DIR [--output_json=FILE] [--output_csv=FILE] \
+      [--baseline=nadamw] [--use_algoperf=auto|yes|no] [--num_devices=1]
+
+DIR holds ``<submission>/<study>/<workload>_<framework>/trial_<n>/eval_measurements.csv``. The
+definitions and the JSON structure are in ``weight_averaging/studies/scoring.py``.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+try:
+  from weight_averaging.studies import scoring
+except ImportError:   # run from a checkout without the package installed
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from weight_averaging.studies import scoring
+
+flags.DEFINE_string("experiment_dir", None, "Directory of <submission>/<study>/... logs.")
+flags.DEFINE_string("output_json", None, "Scores JSON (default: DIR/scores.json).")
+flags.DEFINE_string("output_csv", None, "Scores CSV (default: DIR/scores.csv).")
+flags.DEFINE_string("baseline", "nadamw", "Submission whose steps the others are divided by.")
+flags.DEFINE_enum("use_algoperf", "auto", ["auto", "yes", "no"],
+                  "Use AlgoPerf's own scoring code: where it imports, always, or never.")
+flags.DEFINE_integer("num_devices", 1, "Accelerators per run, for the GPU-hours.")
+flags.mark_flag_as_required("experiment_dir")
+FLAGS = flags.FLAGS
+
+
+def fmt(value, spec="{:.4g}") -> str:
+  """A number for a table; '-' for None (a miss or undefined)."""
+  return "-" if value is None else spec.format(value)
+
+
+def table(header, rows) -> str:
+  """Left-aligned first column, right-aligned others."""
+  cells = [list(map(str, header))] + [list(map(str, r)) for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                     enumerate(zip(r, widths))) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def target_tables(scores) -> str:
+  out = []
+  for w, by_sub in scores["results"].items():
+    spec = scores["workloads"][w]
+    sign = "<=" if spec["minimize"] else ">="
+    bases = sorted({b for r in by_sub.values() for b in r["fraction_of_baseline_steps"]})
+    header = (["submission", "studies hit", "steps to target", "time to target (s)"]
+              + [f"steps / {b}" for b in bases] + ["steps per study"])
+    rows = [[s, f"{r['num_studies_hit']}/{r['num_studies']}", fmt(r["median_steps_to_target"],
+                                                                  "{:.0f}"),
+             fmt(r["median_time_to_target"], "{:.1f}")]
+            + [fmt(r["fraction_of_baseline_steps"].get(b), "{:.3f}") for b in bases]
+            + [", ".join("inf" if v is None else str(v) for v in r["steps_to_target_per_study"])]
+            for s, r in by_sub.items()]
+    out.append(f"{w}: steps and submission time to {spec['metric']} {sign} {spec['target']:g} "
+               f"(median over studies of the fastest trial; '-' = missed)\n" + table(header, rows))
+  means = [[s, b, fmt(m["mean"], "{:.3f}"), ", ".join(m["workloads"])]
+           for s, per in scores["mean_fraction_of_baseline_steps"].items() for b, m in per.items()]
+  if means:
+    out.append("Mean fraction of the baseline's steps over the workloads both reach\n"
+               + table(["submission", "baseline", "mean steps / baseline", "workloads"], means))
+  return "\n\n".join(out)
+
+
+def gpu_table(scores) -> str:
+  rows = [[s, f"{g['total']:.4g}", ", ".join(f"{w}: {p['seconds']:.4g}s ({p['source']})"
+                                              for w, p in g["per_workload"].items())]
+          for s, g in scores["gpu_hours"].items()]
+  return (f"GPU-hours of one run of the suite ({scores['num_devices']} device(s) per run; time to "
+          "target, or the budget for a miss)\n" + table(["submission", "GPU-hours", "per workload"],
+                                                       rows))
+
+
+def best_table(scores) -> str:
+  header = ["submission"] + [f"{w} {scores['workloads'][w]['metric'].split('/')[-1]}"
+                             f"{' (min)' if scores['workloads'][w]['minimize'] else ' (max)'}"
+                             for w in scores["results"]]
+  rows = [[s] + [(fmt(scores["results"][w][s]["best_metric"]["mean"], "{:.5g}") + " +- "
+                  + fmt(scores["results"][w][s]["best_metric"]["std"], "{:.2g}"))
+                 if s in scores["results"][w] else "" for w in scores["results"]]
+          for s in scores["submissions"]]
+  return "Best validation metric (mean +- std over studies)\n" + table(header, rows)
+
+
+def profile_table(scores) -> str:
+  out = []
+  for basis, p in scores["performance_profile"].items():
+    note = ("all 8 AlgoPerf base workloads" if p["suite_complete"] else
+            f"INCOMPLETE suite: scored over {len(p['workloads'])} workload(s) present "
+            f"({', '.join(p['workloads'])}); AlgoPerf's score is over its 8 base workloads")
+    rows = [[s, f"{v:.4f}"] for s, v in p["score"].items()]
+    out.append(f"Performance-profile score on {basis} to target ({p['backend']}; {note})\n"
+               + table(["submission", "score"], rows))
+  return "\n\n".join(out)
+
+
+def main(argv):
+  del argv
+  try:
+    scores = scoring.score_experiment(FLAGS.experiment_dir, baseline=FLAGS.baseline,
+                                      use_algoperf=FLAGS.use_algoperf,
+                                      num_devices=FLAGS.num_devices)
+  except ValueError as e:
+    sys.exit(f"score.py: error: {e}")
+  print(f"Scored {FLAGS.experiment_dir} with {scores['backend']} scoring; baseline "
+        f"{scores['baseline']!r}")
+  for d in scores["algoperf_disagreements"]:
+    print(f"warning: ours and algoperf's differ on {d}")
+  for path in scores["skipped_trials"]:
+    print(f"warning: skipped {path} (no {scoring.EVAL_FILE})")
+  print("\n\n".join(["", target_tables(scores), gpu_table(scores), best_table(scores),
+                     profile_table(scores), ""]))
+  json_path = FLAGS.output_json or os.path.join(FLAGS.experiment_dir, "scores.json")
+  csv_path = FLAGS.output_csv or os.path.join(FLAGS.experiment_dir, "scores.csv")
+  scoring.write_scores(scores, json_path)
+  scoring.write_csv(scores, csv_path)
+  print(f"Wrote {json_path} and {csv_path}")
+
+
+if __name__ == "__main__":
+  app.run(main)

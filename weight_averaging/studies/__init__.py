@@ -1,0 +1,1 @@
+"""Studies over AlgoPerf workloads: per-workload configuration, grids, scoring, figures."""
