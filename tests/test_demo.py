@@ -44,12 +44,19 @@ def test_lawa_submission_resumes_to_the_uninterrupted_result(tmp_path, api):
 
 
 def test_demo_writes_summary_runs_and_figures(tmp_path, capsys):
-  summary = cli.run_demo(str(tmp_path), seeds=1, progress=False)
+  names = ("nadamw", "nadamw_lawa", "shampoo", "shampoo_lawa")
+  summary = cli.run_demo(str(tmp_path), seeds=1, progress=False, submissions=names[1:])
   out = capsys.readouterr().out
-  assert "steps / NadamW" in out
+  assert "/ NadamW" in out and "/ no avg" in out
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["median"] == json.loads(json.dumps(summary["median"]))
-  for name in cli.SUBMISSIONS:
+  assert list(on_disk["runs"]) == list(names)  # NadamW always runs, first
+  steps_of = lambda name: on_disk["runs"][name]["0"]["steps_to_target"]
+  med = on_disk["median"]
+  assert med["shampoo_lawa"]["ratio_to_base"] == steps_of("shampoo_lawa") / steps_of("shampoo")
+  assert med["shampoo_lawa"]["ratio_to_nadamw"] == steps_of("shampoo_lawa") / steps_of("nadamw")
+  assert med["nadamw_lawa"]["ratio_to_base"] == med["nadamw_lawa"]["ratio_to_nadamw"]
+  for name in names:
     run = on_disk["runs"][name]["0"]
     csv_path = os.path.join(run["log_dir"], "eval_measurements.csv")
     assert os.path.isfile(csv_path)
