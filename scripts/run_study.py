@@ -1,0 +1,87 @@
+"""Runs a study grid: submissions x workloads x studies x trials, in AlgoPerf's layout.
+
+The seven AlgoPerf workloads of the paper through the official runner (from an algoperf
+checkout at the API's commit), the embedded workload through ``weight_averaging.runner``::
+
+  python scripts/run_study.py --experiment_dir=$HOME/study --algoperf_dir=$HOME/algoperf \\
+      --data_root=$HOME/data --python=$HOME/algoperf/.venv/bin/python --api=jit
+  python scripts/run_study.py --experiment_dir=study --workloads=teacher_student \\
+      --submissions=nadamw,nadamw_ema,nadamw_lawa
+
+Finished trials are skipped, so the same command resumes a grid; ``--dry_run`` prints the
+commands and runs nothing. The exit status is 1 when a run failed (each is listed with its log).
+Details (the layout, what "finished" means, the runners' flags): `weight_averaging.studies.grid`.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+try:
+  from weight_averaging.studies import grid
+except ImportError:  # run from a checkout without the package installed
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from weight_averaging.studies import grid
+from weight_averaging.studies import workloads_config as wc
+
+flags.DEFINE_list("submissions", list(wc.SUBMISSIONS), "Submissions to run.")
+flags.DEFINE_list("workloads", list(wc.PAPER_WORKLOADS),
+                  "Workloads to run: names of workloads_config/*.json (the embedded one is "
+                  "teacher_student).")
+flags.DEFINE_integer("num_studies", 3, "Studies per submission and workload (study_0, ...).")
+flags.DEFINE_enum("api", "jit", list(wc.APIS), "The AlgoPerf JAX API: submissions/<api>/ and "
+                  "the algoperf checkout's commit (jit: 2c90454f, pmap: fb2f492a).")
+flags.DEFINE_enum("search_space", "paper", list(wc.SEARCH_SPACES),
+                  "'paper': one trial, the paper's point per workload; 'all': the optimizer's "
+                  "five published points (AlgoPerf's external tuning), with the workload's "
+                  "averaging settings.")
+flags.DEFINE_string("experiment_dir", None, "Root of the logs: DIR/<submission>/study_<i>/...")
+flags.DEFINE_string("data_root", None, "Root of the datasets, as algoperf's dataset_setup.py "
+                    "lays them out (DATA_ROOT/wmt, DATA_ROOT/imagenet/jax, ...).")
+flags.DEFINE_string("algoperf_dir", None, "An algoperf checkout with submission_runner.py "
+                    "(needed for AlgoPerf workloads).")
+flags.DEFINE_string("python", sys.executable, "Interpreter of the official runner (the one "
+                    "with algoperf's dependencies and this package installed).")
+flags.DEFINE_integer("max_global_steps", None, "Stop every trial after this many steps "
+                     "(both runners take it).")
+flags.DEFINE_integer("num_devices", None, "Simulated CPU devices (embedded runner only).")
+flags.DEFINE_integer("rng_seed", 1, "Seed of study_0; study i uses rng_seed + i.")
+flags.DEFINE_boolean("save_checkpoints", False, "Let the official runner checkpoint (its "
+                     "restore is broken upstream; the embedded runner always checkpoints).")
+flags.DEFINE_boolean("overwrite", False, "Run finished trials again, from scratch.")
+flags.DEFINE_boolean("dry_run", False, "Print the commands; run nothing.")
+
+FLAGS = flags.FLAGS
+
+
+def _report(line: str) -> None:
+  print(line, flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.experiment_dir:
+    raise app.UsageError("--experiment_dir is required")
+  options = grid.GridOptions(
+      experiment_dir=FLAGS.experiment_dir, submissions=tuple(FLAGS.submissions),
+      workloads=tuple(FLAGS.workloads), num_studies=FLAGS.num_studies, api=FLAGS.api,
+      search_space=FLAGS.search_space, data_root=FLAGS.data_root,
+      algoperf_dir=FLAGS.algoperf_dir, python=FLAGS.python,
+      max_global_steps=FLAGS.max_global_steps, num_devices=FLAGS.num_devices,
+      rng_seed=FLAGS.rng_seed, save_checkpoints=FLAGS.save_checkpoints)
+  try:
+    runs = grid.plan(options)
+    grid.check_checkout(runs, options, dry_run=FLAGS.dry_run, report=_report)
+  except ValueError as e:
+    print(f"run_study: {e}", file=sys.stderr)
+    return 2
+  result = grid.run_grid(runs, dry_run=FLAGS.dry_run, overwrite=FLAGS.overwrite,
+                         report=_report)
+  _report(grid.summary(result))
+  return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+  app.run(main)
