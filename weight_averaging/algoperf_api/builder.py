@@ -22,6 +22,14 @@ copied. While ``holding`` is 1 a second `prepare_for_eval` leaves the stash alon
 and recomputes the average from it, so the live params are never overwritten by an
 average.
 
+Snapshots (opt-in, ``snapshot_every`` = ``nu0``; `hp.snapshot_config`). After update
+``t`` with ``t % nu0 == 0`` the live params (and model state) go to
+`snapshots_lib.SnapshotWriter`: one copy (device 0's shard of the replicated
+params, ``x[0]`` under pmap) is copied on the device so the next step may donate
+its buffers, its transfer to the host is started, and a thread writes it. Every
+`prepare_for_eval` records how many updates the run has completed. Works with or
+without an averager: offline averaging of a plain run is the paper's main use.
+
 Reading ``holding`` from the device would make every step wait for the one before.
 The runtime instead remembers which flag array it returned last and what it holds;
 only a state it has not seen (the first call after a checkpoint restore) is read
@@ -30,6 +38,7 @@ back from the device, and then also placed where the compiled step expects it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
@@ -43,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from weight_averaging import averagers
 from weight_averaging import placement as placement_lib
+from weight_averaging import snapshots as snapshots_lib
 from weight_averaging.algoperf_api import hyperparameters as hp
 from weight_averaging.optimizers import nadamw as nadamw_lib
 
@@ -135,8 +145,10 @@ class Runtime:
 
   def __init__(self, api: str, workload, optimizer: optax.GradientTransformation,
                averager: Optional[averagers.Averager], label_smoothing: float,
-               dropout_rate: Optional[float], devices: Optional[Sequence[Any]] = None):
+               dropout_rate: Optional[float], devices: Optional[Sequence[Any]] = None,
+               snapshots: Optional[snapshots_lib.SnapshotWriter] = None):
     self.api = api
+    self.snapshots = snapshots
     self.devices = list(jax.local_devices() if devices is None else devices)
     self.optimizer = optimizer
     self.averager = averager
@@ -274,6 +286,10 @@ class Runtime:
     state, params, model_state, (loss, grad_norm) = self._step(
         state, params, model_state, batch, rng)
     self._remember(state, holding=False)
+    if self.snapshots is not None and self.snapshots.wants(global_step):
+      # The params after update t = global_step: what an averager samples at t.
+      self.snapshots.save(global_step, one_copy(
+          {"params": params, "model_state": model_state}, self.api))
     if self.logger is not None and global_step % 100 == 0:
       # Every 100 steps, like the reference: reading the loss waits for the step.
       self.logger.append_scalar_metrics(
@@ -281,7 +297,9 @@ class Runtime:
            "grad_norm": float(np.asarray(grad_norm).reshape(-1)[0])}, global_step)
     return state, params, model_state
 
-  def prepare_for_eval(self, state: TrainState, params):
+  def prepare_for_eval(self, state: TrainState, params, global_step=None):
+    if self.snapshots is not None and global_step is not None:
+      self.snapshots.mark_trained(global_step)
     if self.averager is None:
       return state, params
     state, holding = self.adopt(state)
@@ -295,6 +313,54 @@ class Runtime:
 
   def __call__(self, updates, state, params=None):
     return self.optimizer.update(updates, state, params)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _fresh_copy(leaves, shapes):
+  # `jnp.array(copy=True)` keeps jit from handing back the input buffer itself.
+  return [jnp.reshape(jnp.array(x, copy=True), s) for x, s in zip(leaves, shapes)]
+
+
+def one_copy(tree, api: str):
+  """One device's copy of replicated `tree` (``x[0]`` under pmap), in fresh buffers.
+
+  The copy is enqueued on the device, so it is ordered before the next step that
+  donates the originals, and nothing waits for it here.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  out = list(leaves)
+  picked, shapes, where = [], [], []
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array) and (api == "pmap" or x.sharding.is_fully_replicated):
+      picked.append(x.addressable_shards[0].data)
+      shapes.append(tuple(x.shape[1:]) if api == "pmap" else tuple(x.shape))
+      where.append(i)
+    elif isinstance(x, jax.Array):  # not replicated: the writer's host copy gathers it
+      out[i] = jnp.array(x, copy=True)
+  for i, x in zip(where, _fresh_copy(picked, tuple(shapes)) if picked else ()):
+    out[i] = x
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _unreplicated(tree, api: str):
+  """`tree` on the host, with pmap's leading device axis dropped."""
+  tree = jax.device_get(tree)
+  if api == "pmap":
+    tree = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], tree)
+  return tree
+
+
+def snapshot_writer(hyperparameters, api: str, model_params, model_state
+                    ) -> Optional[snapshots_lib.SnapshotWriter]:
+  """The run's `SnapshotWriter`, or ``None`` without ``snapshot_every``."""
+  cfg = hp.snapshot_config(hyperparameters)
+  if cfg is None:
+    return None
+  like = _unreplicated({"params": model_params, "model_state": model_state}, api)
+  return snapshots_lib.SnapshotWriter(
+      cfg.directory, cfg.every, like,
+      run=snapshots_lib.run_identity(like, hyperparameters),
+      enabled=jax.process_index() == 0)
 
 
 def build_submission(make_optimizer: MakeOptimizer,
@@ -322,8 +388,9 @@ def build_submission(make_optimizer: MakeOptimizer,
     raise ValueError(f"api must be one of {APIS}, got {api!r}")
 
   def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
-    del model_state, rng
+    del rng
     base = hp.training_config(hyperparameters)
+    writer = snapshot_writer(hyperparameters, api, model_params, model_state)
     optimizer = make_optimizer(hyperparameters, workload.step_hint,
                                distribution(api, devices))
     averager = None
@@ -332,7 +399,7 @@ def build_submission(make_optimizer: MakeOptimizer,
       averager = make_averager(hyperparameters,
                                resolve_placement(cfg.placement, api, devices))
     runtime = Runtime(api, workload, optimizer, averager, base.label_smoothing,
-                      base.dropout_rate, devices)
+                      base.dropout_rate, devices, snapshots=writer)
     return runtime.init(model_params), runtime
 
   def update_params(workload, current_param_container, current_params_types,
@@ -349,9 +416,10 @@ def build_submission(make_optimizer: MakeOptimizer,
                        model_state, hyperparameters, loss_type, optimizer_state,
                        eval_results, global_step, rng):
     del workload, current_params_types, hyperparameters, loss_type, eval_results
-    del global_step, rng
+    del rng
     state, runtime = optimizer_state
-    state, params = runtime.prepare_for_eval(state, current_param_container)
+    state, params = runtime.prepare_for_eval(state, current_param_container,
+                                             global_step)
     # Model state (batch-norm statistics) stays live, as in the paper.
     return (state, runtime), params, model_state
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, NamedTuple, Optional
 
 import optax
@@ -426,3 +427,48 @@ def lawa_from_hyperparameters(hparams: Any, placement: placement_lib.Placement
   k = check_int("lawa_k", lookup(hparams, "lawa_k", DEFAULT_LAWA_K), 1)
   return averagers.lawa(k, every=cfg.every, start_step=cfg.start_step,
                         placement=placement)
+
+
+# ----------------------------------------------------------------------------
+# Params snapshots for offline averaging (opt-in).
+
+SNAPSHOT_DIR_ENV = "WEIGHT_AVERAGING_SNAPSHOT_DIR"
+
+
+class SnapshotConfig(NamedTuple):
+  """The validated snapshot hyperparameters: ``nu0`` and the directory."""
+
+  every: int
+  directory: str
+
+
+def snapshot_config(hparams: Any, environ: Optional[dict] = None
+                    ) -> Optional[SnapshotConfig]:
+  """``snapshot_every`` (``nu0``) and ``snapshot_dir``; ``None`` when snapshots are off.
+
+  Snapshots are off unless ``snapshot_every`` is present (an integer >= 1). The
+  directory is the hyperparameter ``snapshot_dir``, else the environment variable
+  ``WEIGHT_AVERAGING_SNAPSHOT_DIR``: the official runner hands a submission only
+  its hyperparameters and the workload, not the trial's log directory. Give each
+  run its own directory; one holding another run's snapshots is refused.
+  """
+  every = lookup(hparams, "snapshot_every", None)
+  if every is None:
+    if lookup(hparams, "snapshot_dir", None) is not None:
+      raise ValueError("hyperparameter 'snapshot_dir' is set but 'snapshot_every' is "
+                       "not: set 'snapshot_every' (nu0, in steps) to save snapshots")
+    return None
+  every = check_int("snapshot_every", every, 1)
+  environ = os.environ if environ is None else environ
+  directory = lookup(hparams, "snapshot_dir", None)
+  if directory is None:
+    directory = environ.get(SNAPSHOT_DIR_ENV) or None
+  if directory is None:
+    raise ValueError(
+        "hyperparameter 'snapshot_every' is set but there is no directory for the "
+        "snapshots: set the hyperparameter 'snapshot_dir' or the environment "
+        f"variable {SNAPSHOT_DIR_ENV}")
+  if not isinstance(directory, str) or not directory.strip():
+    raise ValueError(f"hyperparameter 'snapshot_dir' must be a non-empty path, got "
+                     f"{directory!r}")
+  return SnapshotConfig(every=every, directory=directory)
