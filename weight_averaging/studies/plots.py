@@ -204,6 +204,9 @@ def window_vs_speedup(offline_results: Sequence[Mapping[str, Any]], output_dir: 
                    label=f"{run.get('workload', '?')} {scheme.upper()}")
   ax.axhline(1.0, color="k", lw=1, ls=":")
   ax.set_xscale("log")
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
   ax.set(xlabel="averaging window / step hint" if step_hints or any(
       r.get("step_hint") for r in runs) else "averaging window (steps)",
          ylabel="steps to target / no averaging",
@@ -242,7 +245,8 @@ def offline_heatmaps(offline_result: Mapping[str, Any], output_dir: str) -> List
   if not panels:
     return []
   plt = _pyplot()
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.2),
+                           squeeze=False, layout="constrained")
   image = None
   for ax, (points, key, name) in zip(axes[0], panels):
     image = _heatmap(ax, points, key, "every", base,
