@@ -125,7 +125,7 @@ def _fraction_bars(scores, output_dir, name, title, pairs) -> List[str]:
   if not workloads:
     return []
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(workloads) * len(pairs)), 3.8))
+  fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(workloads) * len(pairs)), 3.8))
   width = 0.8 / len(pairs)
   for i, (s, b) in enumerate(pairs):
     for x, w in enumerate(workloads):
@@ -158,7 +158,7 @@ def steps_to_target(scores: Mapping[str, Any], output_dir: str) -> List[str]:
   if "nadamw" not in scores["submissions"] or not pairs:
     return []
   return _fraction_bars(scores, output_dir, "fig2_steps_to_target",
-                        "Steps to target relative to NadamW (median over studies)", pairs)
+                        "Steps to target / NadamW (median, studies)", pairs)
 
 
 def shampoo(scores: Mapping[str, Any], output_dir: str) -> List[str]:
