@@ -56,15 +56,15 @@ def _place(x, sharding):
 
 
 def _default_memory_kind():
-  try:
-    return jax.devices()[0].default_memory().kind
+  try:  # a local device: with several processes jax.devices()[0] may be another's
+    return jax.local_devices()[0].default_memory().kind
   except (AttributeError, NotImplementedError, RuntimeError):
     return None
 
 
 def backend_memory_kinds(device=None) -> frozenset:
   """The memory kinds a device can address (empty on backends without the API)."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   try:
     return frozenset(m.kind for m in device.addressable_memories())
   except (AttributeError, NotImplementedError, RuntimeError):

@@ -20,6 +20,15 @@ embedded workload, with the official runner's semantics:
   to the same result as an uninterrupted one; an existing experiment is refused
   without ``--overwrite`` or ``--resume_last_run`` (never a prompt).
 
+Several processes (jit API): with ``--num_processes``, ``--process_id`` and
+``--coordinator_address`` (or ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` and
+``JAX_COORDINATOR_ADDRESS``, which ``python -m weight_averaging.launch`` sets) every
+process runs this same program over one mesh of all processes' devices. Each
+process builds only its own rows of every batch; each writes its own shards of the
+checkpoint (orbax), so no state is gathered on one process; process 0 alone
+writes the logs. Decisions that depend on wall time are taken by process 0 and
+broadcast, so that all processes stop at the same step.
+
 The optimizer state is checkpointed with each API's convention: under ``pmap`` the
 official runner saves ``x[0]`` of every leaf and replicates on restore, so a state
 that does not survive that fails here as it would there.
@@ -43,6 +52,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app, flags, logging
 
+from weight_averaging import distributed
+
 flags.DEFINE_string("workload", "teacher_student", "Embedded workload to run.")
 flags.DEFINE_string("framework", "jax", "Only 'jax' (accepted for compatibility).")
 flags.DEFINE_string("submission_path", None, "Path to a submission.py file.")
@@ -63,6 +74,13 @@ flags.DEFINE_boolean("save_checkpoints", True, "Checkpoint at every eval.")
 flags.DEFINE_boolean("stop_at_target", True, "Stop once validation and test targets are met.")
 flags.DEFINE_integer("num_devices", None, "Simulated CPU devices (sets XLA_FLAGS; CPU only).")
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (default: "
+                     "JAX_NUM_PROCESSES, else 1).")
+flags.DEFINE_integer("process_id", None, "This process's index (default: JAX_PROCESS_ID).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
+                    "(default: JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for the coordinator "
+                     "and the other processes before failing.")
 
 FLAGS = flags.FLAGS
 
@@ -206,38 +224,90 @@ def _checkpoint_dirs(log_dir: str):
   return sorted(steps)
 
 
-def save_checkpoint(log_dir: str, step: int, arrays: Dict[str, Any],
-                    runner_state: Dict[str, Any]) -> None:
-  """Writes the arrays with orbax, then the runner's JSON state; keeps the latest only."""
+def _checkpointer():
+  """orbax's PyTree checkpointer, writing a replicated array from one replica.
+
+  Newer orbax splits the write of a replicated array over its replicas, which
+  calls `jax.sharding.set_mesh` as a context manager: jax 0.7.0 has no such
+  context manager. The replicated leaves here are params-sized at most, so one
+  writer is enough.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  array_handler = ocp.type_handlers.ArrayHandler
+  if "use_replica_parallel" not in inspect.signature(array_handler.__init__).parameters:
+    return ocp.PyTreeCheckpointer()
+  others = [(t, ocp.type_handlers.get_type_handler(t))
+            for t in (int, float, bytes, np.number, np.ndarray, str)]
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, array_handler(use_replica_parallel=False)), *others)
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
+def save_checkpoint(log_dir: str, step: int, arrays: Dict[str, Any],
+                    runner_state: Dict[str, Any]) -> None:
+  """Writes the arrays with orbax, then the runner's JSON state; keeps the latest only.
+
+  `jax.Array` leaves are written as they lie: with several processes each writes
+  its own shards, so nothing is gathered on one process. Every process must call
+  this; process 0 alone writes the JSON and removes the previous checkpoint, after
+  orbax has finished the new one on all processes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
   path = os.path.join(log_dir, f"checkpoint_{step}")
-  if os.path.exists(path):
+  if distributed.is_primary() and os.path.exists(path):
     shutil.rmtree(path)
-  leaves = jax.tree_util.tree_leaves(jax.device_get(arrays))
-  ocp.PyTreeCheckpointer().save(path, {f"{i:06d}": leaf for i, leaf in enumerate(leaves)})
-  tmp = os.path.join(log_dir, f"runner_state_{step}.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(runner_state, f)
-  os.replace(tmp, os.path.join(log_dir, f"runner_state_{step}.json"))
-  for old in _checkpoint_dirs(log_dir)[:-1]:
-    shutil.rmtree(os.path.join(log_dir, f"checkpoint_{old}"), ignore_errors=True)
-    os.remove(os.path.join(log_dir, f"runner_state_{old}.json"))
+  distributed.barrier(f"checkpoint_{step}_clear")
+  leaves = jax.tree_util.tree_leaves(arrays)
+  _checkpointer().save(path, {f"{i:06d}": leaf for i, leaf in enumerate(leaves)})
+  if distributed.is_primary():
+    tmp = os.path.join(log_dir, f"runner_state_{step}.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(runner_state, f)
+    os.replace(tmp, os.path.join(log_dir, f"runner_state_{step}.json"))
+    for old in _checkpoint_dirs(log_dir)[:-1]:
+      shutil.rmtree(os.path.join(log_dir, f"checkpoint_{old}"), ignore_errors=True)
+      os.remove(os.path.join(log_dir, f"runner_state_{old}.json"))
+  distributed.barrier(f"checkpoint_{step}_done")
 
 
-def restore_checkpoint(log_dir: str, target: Dict[str, Any]):
-  """The latest complete checkpoint as NumPy arrays shaped like `target`, or None."""
+def _restore_args(leaf, as_numpy: bool):
+  """Restore each `jax.Array` leaf straight into its sharding (each process its part)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if not as_numpy and isinstance(leaf, jax.Array):
+    return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                dtype=leaf.dtype)
+  return ocp.RestoreArgs(restore_type=np.ndarray)
+
+
+def restore_checkpoint(log_dir: str, target: Dict[str, Any], as_numpy: bool = True):
+  """The latest complete checkpoint shaped like `target`, or None.
+
+  With ``as_numpy`` every leaf comes back as a NumPy array; otherwise a leaf that
+  is a `jax.Array` in `target` comes back with that leaf's sharding, each process
+  reading only its own shards.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   steps = _checkpoint_dirs(log_dir)
   if not steps:
     return None
   step = steps[-1]
-  flat = ocp.PyTreeCheckpointer().restore(os.path.join(log_dir, f"checkpoint_{step}"))
+  path = os.path.join(log_dir, f"checkpoint_{step}")
   leaves, treedef = jax.tree_util.tree_flatten(target)
-  if len(flat) != len(leaves):
-    raise ValueError(f"checkpoint {step} in {log_dir} holds {len(flat)} arrays; this "
+  checkpointer = _checkpointer()
+  saved = checkpointer.metadata(path)
+  saved = getattr(saved, "item_metadata", saved)  # orbax >= 0.7 wraps the tree
+  if len(saved) != len(leaves):
+    raise ValueError(f"checkpoint {step} in {log_dir} holds {len(saved)} arrays; this "
                      f"submission's state has {len(leaves)}: not the same submission?")
+  item = {f"{i:06d}": leaf for i, leaf in enumerate(leaves)}
+  restore_args = {k: _restore_args(v, as_numpy) for k, v in item.items()}
+  flat = checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   restored = treedef.unflatten([flat[f"{i:06d}"] for i in range(len(leaves))])
   with open(os.path.join(log_dir, f"runner_state_{step}.json")) as f:
     return restored, json.load(f)
@@ -300,6 +370,10 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  if api == "pmap" and distributed.process_count() > 1:
+    raise ValueError(
+        f"api='pmap' runs on one process; this run has {distributed.process_count()} "
+        "processes. Use the jit API (--api=jit) for several processes.")
   os.makedirs(log_dir, exist_ok=True)
   max_steps = max_global_steps or workload.step_hint
   eval_every = eval_every_steps or workload.eval_every_steps
@@ -333,7 +407,7 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
               "model_state": model_state}
     if api == "pmap":  # the official pmap runner saves x[0] of every leaf
       target = _unreplicate(target)
-    restored = restore_checkpoint(log_dir, target)
+    restored = restore_checkpoint(log_dir, target, as_numpy=api == "pmap")
     if restored is not None:
       arrays, runner_state = restored
       if api == "pmap":
@@ -365,7 +439,7 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
                        if workload.has_reached_validation_target(r)), None)
 
   bar = None
-  if progress:
+  if progress and distributed.is_primary():
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=max_steps, initial=global_step, desc=os.path.basename(log_dir),
                unit="step", dynamic_ncols=True, leave=True)
@@ -407,8 +481,9 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
           global_step=global_step, rng=prep_eval_rng)
       jax.block_until_ready(params)
       train_state["accumulated_submission_time"] += time.time() - prep_start
-    train_state["is_time_remaining"] = (
-        train_state["accumulated_submission_time"] < workload.max_allowed_runtime_sec)
+    # Process 0's clock decides, so that every process stops at the same step.
+    train_state["is_time_remaining"] = bool(distributed.broadcast_from_primary(int(
+        train_state["accumulated_submission_time"] < workload.max_allowed_runtime_sec)))
     if not train_state["is_time_remaining"]:
       train_state["training_complete"] = True
     eval_start = time.time()
@@ -433,12 +508,13 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
                score=train_state["accumulated_submission_time"],
                total_duration=time.time() - start)
     eval_results.append(row)
-    _write_csv(os.path.join(log_dir, "eval_measurements.csv"), eval_results)
+    if distributed.is_primary():
+      _write_csv(os.path.join(log_dir, "eval_measurements.csv"), eval_results)
     if save_checkpoints:
       arrays = {"params": params, "optimizer_state": optimizer_state[0],
                 "model_state": model_state}
       if api == "pmap":
-        arrays = _unreplicate(arrays)
+        arrays = jax.device_get(_unreplicate(arrays))
       save_checkpoint(log_dir, global_step, arrays, {
           "global_step": global_step, "eval_results": eval_results,
           "preemption_count": preemption_count,
@@ -470,17 +546,26 @@ def experiment_log_dir(experiment_dir: str, experiment_name: str, workload_name:
 
 
 def prepare_experiment_dir(log_dir: str, overwrite: bool, resume: bool) -> None:
-  """Refuses to touch an existing experiment unless told how; never prompts."""
+  """Refuses to touch an existing experiment unless told how; never prompts.
+
+  With several processes every one checks before process 0 changes anything, so
+  they all take the same decision.
+  """
   if overwrite and resume:
     raise ValueError("--overwrite and --resume_last_run exclude each other")
-  if os.path.exists(log_dir):
+  exists = os.path.exists(log_dir)
+  distributed.barrier("experiment_dir_checked")
+  if exists:
     if overwrite:
-      shutil.rmtree(log_dir)
+      if distributed.is_primary():
+        shutil.rmtree(log_dir)
     elif not resume:
       raise FileExistsError(
           f"experiment directory {log_dir} exists: pass --overwrite to replace it or "
           f"--resume_last_run to continue it")
-  os.makedirs(log_dir, exist_ok=True)
+  if distributed.is_primary():
+    os.makedirs(log_dir, exist_ok=True)
+  distributed.barrier("experiment_dir_ready")
 
 
 def run_experiment(*, workload_name: str, submission_path: str, tuning_search_space: str,
@@ -497,30 +582,38 @@ def run_experiment(*, workload_name: str, submission_path: str, tuning_search_sp
 
   if not experiment_dir or not experiment_name:
     raise ValueError("--experiment_dir and --experiment_name are required")
+  if api == "pmap" and jax.process_count() > 1:
+    raise ValueError(
+        f"--api=pmap runs on one process; this run has {jax.process_count()} "
+        "processes. Use the jit API (--api=jit) for several processes.")
   workload = workloads.get_workload(workload_name, api=api)
   submission = load_submission(submission_path)
   points = load_search_space(tuning_search_space, num_tuning_trials, rng_seed)
   log_root = experiment_log_dir(experiment_dir, experiment_name, workload_name)
   prepare_experiment_dir(log_root, overwrite, resume_last_run)
   results = []
+  primary = distributed.is_primary()
   for trial, point in enumerate(points, start=1):
     trial_dir = os.path.join(log_root, f"trial_{trial}")
-    os.makedirs(trial_dir, exist_ok=True)
     hparams_path = os.path.join(trial_dir, "hparams.json")
     if os.path.exists(hparams_path):  # a resumed trial keeps its hyperparameters
       with open(hparams_path) as f:
         point = json.load(f)
-    else:
-      with open(hparams_path, "w") as f:
-        json.dump(point, f, indent=2)
-    meta = {"workload": workload_name, "api": api, "submission_path": submission_path,
-            "rng_seed": rng_seed, "trial": trial, "jax_version": jax.__version__,
-            "num_devices": jax.device_count(), "backend": jax.default_backend(),
-            "python": sys.version.split()[0]}
-    with open(os.path.join(trial_dir, "meta_data_0.json"), "w") as f:
-      json.dump(meta, f, indent=2)
-    with open(os.path.join(trial_dir, "flags_0.json"), "w") as f:
-      json.dump(flag_values or {}, f, indent=2)
+    distributed.barrier(f"trial_{trial}_hparams_read")
+    if primary:
+      os.makedirs(trial_dir, exist_ok=True)
+      if not os.path.exists(hparams_path):
+        with open(hparams_path, "w") as f:
+          json.dump(point, f, indent=2)
+      meta = {"workload": workload_name, "api": api, "submission_path": submission_path,
+              "rng_seed": rng_seed, "trial": trial, "jax_version": jax.__version__,
+              "num_devices": jax.device_count(), "num_processes": jax.process_count(),
+              "backend": jax.default_backend(), "python": sys.version.split()[0]}
+      with open(os.path.join(trial_dir, "meta_data_0.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+      with open(os.path.join(trial_dir, "flags_0.json"), "w") as f:
+        json.dump(flag_values or {}, f, indent=2)
+    distributed.barrier(f"trial_{trial}_ready")
     results.append(run_trial(
         workload, submission, as_hyperparameters(point), log_dir=trial_dir,
         rng_seed=rng_seed, api=api, max_global_steps=max_global_steps,
@@ -538,6 +631,14 @@ def main(argv):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   simulate_devices(FLAGS.num_devices)
+  try:
+    distributed.initialize(
+        distributed.config_from(FLAGS.coordinator_address, FLAGS.num_processes,
+                                FLAGS.process_id),
+        timeout_s=FLAGS.initialization_timeout)
+  except (ConnectionError, ValueError) as e:
+    print(f"weight_averaging.runner: {e}", file=sys.stderr)
+    sys.exit(1)
   results = run_experiment(
       workload_name=FLAGS.workload, submission_path=FLAGS.submission_path,
       tuning_search_space=FLAGS.tuning_search_space, experiment_dir=FLAGS.experiment_dir,
@@ -547,6 +648,8 @@ def main(argv):
       resume_last_run=FLAGS.resume_last_run, save_checkpoints=FLAGS.save_checkpoints,
       stop_at_target=FLAGS.stop_at_target, progress=FLAGS.progress,
       flag_values=FLAGS.flag_values_dict())
+  if not distributed.is_primary():
+    return
   for i, r in enumerate(results, start=1):
     reached = (f"reached the validation target at step {r.reached_target_step} "
                f"({r.reached_target_time:.1f}s)" if r.reached_target_step else

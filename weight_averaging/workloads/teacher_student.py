@@ -15,6 +15,8 @@ submissions and runners use, for both APIs: with ``api='pmap'`` the params come
 back replicated with a leading device axis and batches are shaped
 ``(devices, per_device_batch, ...)``; with ``api='jit'`` params are replicated over
 ``Mesh(devices, ('batch',))`` and batches are global arrays sharded along axis 0.
+Under jit the mesh may span several processes (`jax.distributed`): each process
+then builds only its own rows of every batch.
 """
 
 from __future__ import annotations
@@ -210,13 +212,26 @@ class TeacherStudentWorkload:
   def mesh(self) -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("batch",))
 
-  def _shard_batch(self, batch):
+  def _batch(self, idx: np.ndarray):
+    """The examples `idx` of the training split, laid out for the API.
+
+    Under jit a global array sharded along the batch axis, of which this process
+    builds only the rows its own devices hold: with several processes each one
+    reads and transfers its share of the batch only.
+    """
+    inputs, targets = split_data("train")
     if self.api == "pmap":
       n = jax.local_device_count()
       return jax.tree_util.tree_map(
-          lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+          lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]),
+          {"inputs": inputs[idx], "targets": targets[idx]})
     sharding = NamedSharding(self.mesh(), PartitionSpec("batch"))
-    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
+
+    def rows(data):
+      return jax.make_array_from_callback(
+          (len(idx),) + data.shape[1:], sharding, lambda index: data[idx[index[0]]])
+
+    return {"inputs": rows(inputs), "targets": rows(targets)}
 
   def input_queue(self, data_rng, global_batch_size: int,
                   start_step: int = 0) -> Iterator[Dict[str, Any]]:
@@ -237,7 +252,7 @@ class TeacherStudentWorkload:
       epoch, offset = divmod(step, per_epoch)
       order = np.random.default_rng(seed + [epoch]).permutation(len(inputs))
       idx = order[offset * global_batch_size:(offset + 1) * global_batch_size]
-      yield self._shard_batch({"inputs": inputs[idx], "targets": targets[idx]})
+      yield self._batch(idx)
       step += 1
 
   def _build_input_queue(self, data_rng, split, data_dir, global_batch_size, **kwargs):
