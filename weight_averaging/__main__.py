@@ -21,13 +21,10 @@ import statistics
 import sys
 import time
 
+from weight_averaging.studies import plots  # matplotlib is imported only to draw
+
 SUBMISSIONS = ("nadamw", "nadamw_ema", "nadamw_lawa")
 ALL_SUBMISSIONS = SUBMISSIONS + ("shampoo", "shampoo_ema", "shampoo_lawa")
-LABELS = {"nadamw": "NadamW", "nadamw_ema": "NadamW + EMA", "nadamw_lawa": "NadamW + LAWA",
-          "shampoo": "Shampoo", "shampoo_ema": "Shampoo + EMA",
-          "shampoo_lawa": "Shampoo + LAWA"}
-COLORS = {"nadamw": "tab:gray", "nadamw_ema": "tab:blue", "nadamw_lawa": "tab:orange",
-          "shampoo": "black", "shampoo_ema": "tab:cyan", "shampoo_lawa": "tab:red"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +35,7 @@ def _median(values):
 
 def _base(name: str) -> str:
   """The submission without averaging: ``shampoo_ema`` -> ``shampoo``."""
-  return name.split("_")[0]
+  return plots.base_of(name) or name
 
 
 def run_demo(output_dir: str, seeds: int, overwrite: bool = True,
@@ -98,7 +95,7 @@ def run_demo(output_dir: str, seeds: int, overwrite: bool = True,
            "reached": sum(s is not None for s in steps)}
     summary["median"][name] = med
     fmt = lambda v, f: "—" if v is None else format(v, f)
-    print(f"{LABELS[name]:<16}{fmt(med['steps_to_target'], '>8.0f')}"
+    print(f"{plots.LABELS[name]:<16}{fmt(med['steps_to_target'], '>8.0f')}"
           f"{fmt(med['submission_time_to_target'], '>9.1f')}"
           f"{fmt(med['ratio_to_nadamw'], '>10.2f')}{fmt(med['ratio_to_base'], '>10.2f')}"
           f"   {['—' if s is None else s for s in steps]}", file=out)
@@ -117,13 +114,13 @@ def _plot(output_dir, curves, runs, workload, seeds, submissions):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors = COLORS
+  colors = plots.COLORS
   fig, ax = plt.subplots(figsize=(6, 4))
   for name in submissions:
     for seed, curve in curves[name].items():
       steps, values = zip(*curve)
       ax.plot(steps, values, color=colors[name], alpha=0.8, lw=1.2,
-              label=LABELS[name] if seed == 0 else None)
+              label=plots.LABELS[name] if seed == 0 else None)
   ax.axhline(workload.validation_target_value, color="k", ls=":", lw=1, label="target")
   ax.set(xlabel="step", ylabel="validation loss", title=f"{workload.name}: validation curves",
          ylim=(workload.validation_target_value - 0.05, workload.validation_target_value + 0.25))
@@ -141,7 +138,7 @@ def _plot(output_dir, curves, runs, workload, seeds, submissions):
       ax.bar(i, statistics.median(reached), color=colors[name], alpha=0.8)
       ax.scatter([i] * len(reached), reached, color="k", s=12, zorder=3)
   ax.axhline(workload.step_hint, color="k", ls=":", lw=1, label="step_hint")
-  ax.set_xticks(range(len(submissions)), [LABELS[n] for n in submissions])
+  ax.set_xticks(range(len(submissions)), [plots.LABELS[n] for n in submissions])
   ax.set(ylabel="steps to validation target", title="steps to target (median, seeds)")
   ax.legend()
   fig.tight_layout()

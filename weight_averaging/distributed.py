@@ -43,6 +43,15 @@ class Config(NamedTuple):
   process_id: int
 
 
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def with_device_count(xla_flags: str, num_devices: int) -> str:
+  """`xla_flags` (an ``XLA_FLAGS`` value) asking for `num_devices` CPU devices instead."""
+  kept = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  return " ".join(kept + [f"{DEVICE_COUNT_FLAG}={num_devices}"])
+
+
 def _int_or_none(name: str, value) -> Optional[int]:
   if value is None or value == "":
     return None

@@ -31,8 +31,6 @@ from typing import List, Optional, Sequence
 
 from weight_averaging import distributed
 
-_DEVICE_FLAG = "--xla_force_host_platform_device_count"
-
 
 def _check_positive(name: str, value: int) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -44,8 +42,8 @@ def process_env(base: dict, process_id: int, num_processes: int, devices_per_pro
                 coordinator_address: str) -> dict:
   """The environment of process `process_id`: simulated devices and where to meet."""
   env = dict(base)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
-  env["XLA_FLAGS"] = " ".join(flags + [f"{_DEVICE_FLAG}={devices_per_process}"])
+  env["XLA_FLAGS"] = distributed.with_device_count(env.get("XLA_FLAGS", ""),
+                                                    devices_per_process)
   env["JAX_PLATFORMS"] = "cpu"
   env.setdefault(distributed.ENV_CPU_COLLECTIVES, "gloo")
   env[distributed.ENV_COORDINATOR] = coordinator_address

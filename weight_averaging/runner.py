@@ -93,11 +93,8 @@ def simulate_devices(num_devices: Optional[int]) -> None:
   """Asks XLA for `num_devices` CPU devices; must run before JAX starts its backend."""
   if not num_devices:
     return
-  flag = f"--xla_force_host_platform_device_count={num_devices}"
-  current = os.environ.get("XLA_FLAGS", "")
-  parts = [p for p in current.split() if not p.startswith(
-      "--xla_force_host_platform_device_count")]
-  os.environ["XLA_FLAGS"] = " ".join(parts + [flag])
+  os.environ["XLA_FLAGS"] = distributed.with_device_count(
+      os.environ.get("XLA_FLAGS", ""), num_devices)
 
 
 # ----------------------------------------------------------------------------

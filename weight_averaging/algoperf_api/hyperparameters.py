@@ -164,8 +164,8 @@ def nadamw_config(hparams: Any) -> NadamwConfig:
   """Reads and checks the NadamW hyperparameters; `None` means self-tuning."""
   if hparams is None:
     hparams = SELF_TUNING_NADAMW
+  training = training_config(hparams)
   grad_clip = lookup(hparams, "grad_clip", None)
-  dropout = lookup(hparams, "dropout_rate", None)
   return NadamwConfig(
       learning_rate=check_float("learning_rate", lookup(hparams, "learning_rate"),
                                 0.0, math.inf, low_open=True, high_open=True),
@@ -176,11 +176,8 @@ def nadamw_config(hparams: Any) -> NadamwConfig:
                                0.0, math.inf, high_open=True),
       warmup_factor=check_float("warmup_factor", lookup(hparams, "warmup_factor"),
                                 0.0, 1.0),
-      label_smoothing=check_float("label_smoothing",
-                                  lookup(hparams, "label_smoothing", 0.0), 0.0, 1.0,
-                                  high_open=True),
-      dropout_rate=None if dropout is None else check_float(
-          "dropout_rate", dropout, 0.0, 1.0, high_open=True),
+      label_smoothing=training.label_smoothing,
+      dropout_rate=training.dropout_rate,
       grad_clip=None if grad_clip is None else check_float(
           "grad_clip", grad_clip, 0.0, math.inf, low_open=True, high_open=True),
   )
