@@ -246,3 +246,19 @@ def device_bytes(tree: Any) -> Sequence[int]:
     for shard in leaf.addressable_shards:
       per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
   return [per_device[d] for d in sorted(per_device, key=lambda d: d.id)]
+
+
+# ----------------------------------------------------------------------------
+# pmap's layout of replicated values: a leading axis of one copy per local device.
+
+
+def pmap_replicate(tree: Any) -> Any:
+  """`tree` with a leading local-device axis, one copy on each device, as pmap expects."""
+  n = jax.local_device_count()
+  stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), tree)
+  return jax.pmap(lambda x: x)(stacked)
+
+
+def pmap_unreplicate(tree: Any) -> Any:
+  """Device 0's copy of every leaf of a pmap-replicated `tree` (``x[0]``)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
