@@ -6,7 +6,7 @@ VENVS ?= .venvs
 STACKS := jit pmap latest
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean $(addprefix test-,$(STACKS))
+.PHONY: demo test bench peers clean $(addprefix test-,$(STACKS))
 
 $(VENVS)/%/installed: constraints/%.txt setup.py
 	rm -rf $(VENVS)/$*
@@ -33,6 +33,20 @@ test:
 
 bench: $(VENVS)/latest/installed
 	$(VENVS)/latest/bin/python benchmarks/averaging.py
+
+# The side-by-side benchmark's own environment: PyTorch, timm (which needs
+# torchvision) and ema-pytorch, never the package's requirements.
+PEERS_TORCH ?= torch==2.14.1 torchvision==0.29.1
+$(VENVS)/peers/installed: setup.py
+	rm -rf $(VENVS)/peers
+	$(PYTHON) -m venv $(VENVS)/peers
+	$(VENVS)/peers/bin/python -m pip install -q --upgrade pip
+	$(VENVS)/peers/bin/python -m pip install -q $(PEERS_TORCH)
+	$(VENVS)/peers/bin/python -m pip install -q timm ema-pytorch -e .
+	touch $@
+
+peers: $(VENVS)/peers/installed
+	$(VENVS)/peers/bin/python benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENVS)

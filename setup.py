@@ -9,6 +9,8 @@ setup(
                  "host memory) and AlgoPerf submissions built on them."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    classifiers=["License :: OSI Approved :: Apache Software License"],
     python_requires=">=3.11",
     packages=find_packages(include=["weight_averaging", "weight_averaging.*"]),
     install_requires=[

@@ -1,6 +1,6 @@
-"""Cost of averaging in a training step: memory traffic, LAWA's cost in k, device bytes.
+"""Cost of averaging in a training step: memory traffic, LAWA push time, bytes, transfers.
 
-Prints three tables and writes them as JSON (``--output``):
+Prints four tables and writes them as JSON (``--output``):
 
 1. For a ~50M-parameter pytree, the bytes one training step reads and writes beyond
    the same step without averaging, from the compiled program's ``cost_analysis()``,
@@ -8,10 +8,14 @@ Prints three tables and writes them as JSON (``--output``):
    devices; per-device programs, so ``sharded`` should show about 1/4). The bound for
    an EMA sampling step is 2.0: read and write the average once (the new params are
    already in registers from the optimizer update when the step is fused).
-2. LAWA's measured time to push a snapshot (amortised over whole ring cycles,
-   median and worst) and to read the mean for k = 2, 10, 50 (one device): the
-   amortised and median costs should not grow with k.
+2. LAWA's measured time to push a snapshot (median, and amortised over whole ring
+   cycles) and to read the mean for k = 2, 10, 40 (one device), against the time
+   of the 5 param-sizes a push must move at this machine's copy bandwidth: the
+   costs should not grow with k and stay within about 1.5x of that traffic.
 3. Device bytes of the averaging state per placement: ``sharded`` holds 1/N.
+4. ``host``: the bytes one update and one ``average`` move between memory kinds,
+   in param-sizes, from the program lowered for a GPU (`placement.memory_transfers`;
+   a loop body counts once): they should not grow with k.
 
 Run: ``python benchmarks/averaging.py`` (``make bench``).
 """
@@ -112,35 +116,89 @@ def timed(fn, *args, repeats: int = 7) -> float:
   return statistics.median(times)
 
 
-def lawa_cost_table(num_params: int, ks=(2, 10, 50)):
-  """Measured push and mean time per k on one device (no donation: state reused)."""
-  device = jax.devices()[0]
-  one_device = placement_lib.replicated(mesh=Mesh(np.asarray([device]), ("batch",)))
-  params = jax.device_put(
-      jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), param_tree(num_params)),
-      device)
-  rows = []
-  for k in ks:
-    averager = wa.lawa(k, every=1, placement=one_device)
-    state = jax.jit(averager.init)(params)
-    # Fill the ring so pushes also subtract the oldest snapshot.
-    update = jax.jit(averager.update, donate_argnums=0)
-    for _ in range(k + 1):
-      state = update(state, params)
-    # A training step donates the state, so the ring is updated in place. Every
-    # k-th push also re-sums the ring (drift control): time whole cycles.
-    pushes = k * max(1, -(-20 // k))
-    times = []
+def copy_step(params):
+  """A function doing one in-place read-and-write of `params` (2 param-sizes of traffic).
+
+  This machine's copy bandwidth on the same arrays: the memory-traffic limit that
+  averaging costs are measured against.
+  """
+  bump = jax.jit(lambda t: jax.tree_util.tree_map(lambda a: a + 1.0, t), donate_argnums=0)
+  box = [jax.block_until_ready(bump(jax.tree_util.tree_map(jnp.copy, params)))]
+
+  def step():
+    box[0] = jax.block_until_ready(bump(box[0]))
+
+  return step
+
+
+def push_seconds(averager, params, k: int, donate: bool = True, repeats: int = 5):
+  """Median and amortised seconds of one LAWA push, and of one copy timed between pushes.
+
+  The state is placed by a jitted `init` with the averager's shardings and updated
+  by a jitted `update` with them as out-shardings, donated unless ``donate=False``
+  (then every push writes a fresh ring). Each run times whole ring cycles (at least
+  20 pushes), so the amortised figure includes the exact re-sum every k pushes; a
+  copy of the params runs after each push, so both see the same load on a shared
+  machine. Returns medians over `repeats` runs.
+  """
+  shardings = averager.state_shardings(jax.eval_shape(averager.init, params))
+  state = jax.jit(averager.init, out_shardings=shardings)(params)
+  update = jax.jit(averager.update, out_shardings=shardings,
+                   donate_argnums=0 if donate else ())
+  copy = copy_step(params)
+  for _ in range(k + 1):  # fill the ring, so pushes also evict
+    state = update(state, params)
+  jax.block_until_ready(state)
+  pushes = k * max(1, -(-20 // k))
+  medians, means, copies = [], [], []
+  for _ in range(repeats):
+    times, copy_times = [], []
     for _ in range(pushes):
       start = time.perf_counter()
       state = jax.block_until_ready(update(state, params))
       times.append(time.perf_counter() - start)
-    mean = jax.jit(averager.average)
-    rows.append({"k": k, "push_ms_amortised": 1e3 * statistics.mean(times),
-                 "push_ms_median": 1e3 * statistics.median(times),
-                 "push_ms_max": 1e3 * max(times),
-                 "mean_ms": 1e3 * timed(mean, state, params)})
-    del state
+      start = time.perf_counter()
+      copy()
+      copy_times.append(time.perf_counter() - start)
+    medians.append(statistics.median(times))
+    means.append(statistics.mean(times))
+    copies.append(statistics.median(copy_times))
+  return statistics.median(medians), statistics.median(means), statistics.median(copies)
+
+
+def lawa_cost_table(num_params: int, ks=(2, 10, 40), placements=("replicated", "host"),
+                    donate: bool = True, repeats: int = 5):
+  """LAWA push time per placement and k on one device, against its memory traffic.
+
+  A push must read the new params, write one slot, read the slot the next push
+  evicts and read and write the running sum: 5 param-sizes, i.e. 2.5 copies.
+  Each push is timed as ``every=1`` runs it (no gate: every step samples) and
+  through the `lax.cond` gate that ``every > 1`` uses (``start_step=1``: the same
+  pushes, one step later).
+  """
+  device = jax.devices()[0]
+  mesh = Mesh(np.asarray([device]), ("batch",))
+  params = jax.device_put(
+      jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), param_tree(num_params)),
+      device)
+  rows = []
+  for where in placements:
+    if where == "host" and not placement_lib.host().available:
+      continue
+    for k, gate in ((k, gate) for k in ks for gate in ("none", "cond")):
+      averager = wa.lawa(k, every=1, start_step=int(gate == "cond"),
+                         placement=placement_lib.get(where, mesh=mesh))
+      median, amortised, copy = push_seconds(averager, params, k, donate, repeats)
+      mean = jax.jit(averager.average)
+      state = jax.jit(averager.init, out_shardings=averager.state_shardings(
+          jax.eval_shape(averager.init, params)))(params)
+      rows.append({"placement": where, "k": k, "gate": gate, "donated": donate,
+                   "push_ms_median": 1e3 * median, "push_ms_amortised": 1e3 * amortised,
+                   "traffic_ms": 1e3 * 2.5 * copy,
+                   "median_over_traffic": median / (2.5 * copy),
+                   "amortised_over_traffic": amortised / (2.5 * copy),
+                   "mean_ms": 1e3 * timed(mean, state, params)})
+      del state
   return rows
 
 
@@ -168,44 +226,102 @@ def device_bytes_table(num_params: int):
   return rows
 
 
+def transfer_table(num_params: int, ks=(2, 10, 40)):
+  """Param-sizes one update and one `average` move into each memory kind (``host``)."""
+  params = param_tree(num_params)
+  size = tree_bytes(params)
+  rows = []
+  for name, make in [("ema", lambda k: wa.ema(0.9, placement="host"))] + [
+      (f"lawa k={k}", lambda k=k: wa.lawa(k, every=1, placement="host")) for k in ks]:
+    averager = make(None) if name == "ema" else make()
+    state = jax.eval_shape(averager.init, params)
+    shardings = averager.state_shardings(state)
+    state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
+    update = placement_lib.memory_transfers(averager.update, state, params,
+                                            donate_argnums=0, out_shardings=shardings)
+    average = placement_lib.memory_transfers(averager.average, state, params)
+    rows.append({"averager": name,
+                 "update_to_host": update.get("pinned_host", 0) / size,
+                 "update_to_device": update.get("device", 0) / size,
+                 "average_to_device": average.get("device", 0) / size})
+  return rows
+
+
+def _ints(text):
+  return tuple(int(x) for x in text.split(","))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--num_params", type=int, default=50_331_648)
-  parser.add_argument("--timing_params", type=int, default=10_485_760,
-                      help="params for the measured LAWA timings (k=50 holds 50 copies)")
+  parser.add_argument("--timing_params", type=int, default=4_194_304,
+                      help="params for the measured LAWA timings (k=40 holds 40 copies)")
+  parser.add_argument("--ks", type=_ints, default=(2, 10, 40))
+  parser.add_argument("--placements", default="replicated,host")
+  parser.add_argument("--no_donate", action="store_true",
+                      help="time pushes without donating the state (a fresh ring each)")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--tables", default="traffic,lawa,bytes,transfers",
+                      help="which of traffic, lawa, bytes, transfers to run")
   parser.add_argument("--output", default="")
   args = parser.parse_args()
+  tables = set(args.tables.split(","))
   print(f"jax {jax.__version__} on {jax.device_count()} {jax.default_backend()} devices; "
-        f"memory kinds {sorted(placement_lib.backend_memory_kinds())}")
+        f"memory kinds {sorted(placement_lib.backend_memory_kinds())}; "
+        f"load average {os.getloadavg()[0]:.1f}")
+  results = {"jax": jax.__version__, "load_average": os.getloadavg()[0]}
 
-  size, traffic = traffic_table(args.num_params)
-  print(f"\n1. Extra memory traffic of one sampling step over plain SGD "
-        f"({args.num_params / 1e6:.1f}M params = {size / 2**20:.0f} MiB), param-sizes per "
-        f"device.\n   From cost_analysis(), which adds up every branch of a cond (LAWA's "
-        f"every-k-pushes re-sum included) and leaves collectives out:")
-  print(f"{'averager':<12}{'gate':<6}{'placement':<12}{'extra':>8}")
-  for r in traffic:
-    print(f"{r['averager']:<12}{r['gate']:<6}{r['placement']:<12}"
-          f"{r['extra_param_sizes_per_device']:>8.2f}")
+  if "traffic" in tables:
+    size, traffic = traffic_table(args.num_params)
+    results["traffic"] = traffic
+    print(f"\n1. Extra memory traffic of one sampling step over plain SGD "
+          f"({args.num_params / 1e6:.1f}M params = {size / 2**20:.0f} MiB), param-sizes per "
+          f"device.\n   From cost_analysis(), which adds up every branch of a cond (LAWA's "
+          f"every-k-pushes re-sum included) and leaves collectives out:")
+    print(f"{'averager':<12}{'gate':<6}{'placement':<12}{'extra':>8}")
+    for r in traffic:
+      print(f"{r['averager']:<12}{r['gate']:<6}{r['placement']:<12}"
+            f"{r['extra_param_sizes_per_device']:>8.2f}")
 
-  lawa = lawa_cost_table(args.timing_params)
-  print(f"\n2. LAWA push and mean on one device ({args.timing_params / 1e6:.1f}M params):")
-  print(f"{'k':>4}{'push ms (amortised)':>21}{'median':>8}{'max':>8}{'mean ms':>9}")
-  for r in lawa:
-    print(f"{r['k']:>4}{r['push_ms_amortised']:>21.1f}{r['push_ms_median']:>8.1f}"
-          f"{r['push_ms_max']:>8.1f}{r['mean_ms']:>9.1f}")
+  if "lawa" in tables:
+    lawa = lawa_cost_table(args.timing_params, args.ks, args.placements.split(","),
+                           donate=not args.no_donate, repeats=args.repeats)
+    results["lawa"] = lawa
+    print(f"\n2. LAWA push and mean on one device ({args.timing_params / 1e6:.1f}M params, "
+          f"{'not ' if args.no_donate else ''}donated), medians of {args.repeats} runs; "
+          f"traffic: the time of 5 param-sizes at this machine's copy bandwidth, "
+          f"measured between the pushes:")
+    print(f"{'placement':<12}{'k':>4}{'gate':>6}{'push ms median':>16}{'amortised':>11}"
+          f"{'traffic ms':>12}{'x traffic':>11}{'amortised':>11}{'mean ms':>9}")
+    for r in lawa:
+      print(f"{r['placement']:<12}{r['k']:>4}{r.get('gate', ''):>6}{r['push_ms_median']:>16.1f}"
+            f"{r['push_ms_amortised']:>11.1f}{r['traffic_ms']:>12.1f}"
+            f"{r['median_over_traffic']:>11.2f}{r['amortised_over_traffic']:>11.2f}"
+            f"{r['mean_ms']:>9.1f}")
 
-  placed = device_bytes_table(args.num_params // 8)
-  print(f"\n3. Device bytes of the averaging state per device, in param-sizes "
-        f"({args.num_params // 8 / 1e6:.1f}M params, {jax.device_count()} devices):")
-  for r in placed:
-    print(f"{r['averager']:<10}{r['placement']:<12}"
-          f"{r['device_bytes_per_device_over_param_size']}")
+  if "bytes" in tables:
+    placed = device_bytes_table(args.num_params // 8)
+    results["device_bytes"] = placed
+    print(f"\n3. Device bytes of the averaging state per device, in param-sizes "
+          f"({args.num_params // 8 / 1e6:.1f}M params, {jax.device_count()} devices):")
+    for r in placed:
+      print(f"{r['averager']:<10}{r['placement']:<12}"
+            f"{r['device_bytes_per_device_over_param_size']}")
+
+  if "transfers" in tables and placement_lib.host().available:
+    moved = transfer_table(args.timing_params, args.ks)
+    results["transfers"] = moved
+    print("\n4. 'host': param-sizes moved per update and per average, from the program "
+          "lowered for a GPU (a loop body counts once):")
+    print(f"{'averager':<12}{'update to host':>16}{'to device':>11}{'average':>9}")
+    for r in moved:
+      print(f"{r['averager']:<12}{r['update_to_host']:>16.2f}{r['update_to_device']:>11.2f}"
+            f"{r['average_to_device']:>9.2f}")
 
   if args.output:
     with open(args.output, "w") as f:
-      json.dump({"jax": jax.__version__, "traffic": traffic, "lawa": lawa,
-                 "device_bytes": placed}, f, indent=2)
+      json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Device bytes of a 'sharded' averaging state per process, for 1, 2 and 4 processes.
 
-Each run starts N processes on localhost with `weight_averaging.launch` (M simulated
+Each run starts N processes on localhost with `weight_averaging.runner.launch` (M simulated
 CPU devices each, one `jax.distributed` mesh over all N * M devices), builds EMA and
 LAWA states with ``placement='sharded'`` for a params pytree, and has every process
 report the bytes its own devices hold (`placement.device_bytes`). With the state
@@ -27,7 +27,7 @@ def child(out_dir: str, num_params: int, lawa_k: int) -> None:
   """One process of a run: build the states, write this process's device bytes."""
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-  from weight_averaging import distributed  # pylint: disable=g-import-not-at-top
+  from weight_averaging.runner import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(distributed.config_from(), timeout_s=120)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -60,7 +60,7 @@ def measure(num_processes: int, devices_per_process: int, num_params: int,
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
     subprocess.run(
-        [sys.executable, "-m", "weight_averaging.launch", "--num_processes",
+        [sys.executable, "-m", "weight_averaging.runner.launch", "--num_processes",
          str(num_processes), "--devices_per_process", str(devices_per_process),
          "--timeout_s", "600", "--", sys.executable, os.path.abspath(__file__),
          "--child", out, "--params", str(num_params), "--lawa_k", str(lawa_k)],

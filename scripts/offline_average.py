@@ -60,8 +60,8 @@ def main(argv):
         FLAGS.snapshot_dir, grid, workload_name=FLAGS.workload, api=FLAGS.api,
         eval_every=FLAGS.eval_every, eval_steps=eval_steps, start_step=FLAGS.start_step,
         submission=FLAGS.submission, data_dir=FLAGS.data_dir, progress=print)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  except ValueError as e:   # a bad flag value or a damaged snapshot: the message names it
+    sys.exit(f"offline_average.py: error: {e}")
   offline.write_results(results, FLAGS.output_json)
   base = results["baseline"]["steps_to_target"]
   print(f"baseline (no averaging): steps to target {base}; "

@@ -9,10 +9,13 @@ checkout at the API's commit), the embedded workload through ``weight_averaging.
       --submissions=nadamw,nadamw_ema,nadamw_lawa
 
 Finished trials are skipped, so the same command resumes a grid; ``--dry_run`` prints the
-commands and runs nothing. The exit status is 1 when a run failed (each is listed with its log).
+commands and runs nothing. The exit status is 1 when a run failed (each is listed with its log),
+2 when the grid cannot start (a bad flag or config, or another run_study holding DIR: its pid is
+named), 128 + N on signal N (SIGTERM, SIGINT), after the running trial's processes are stopped.
 Details (the layout, what "finished" means, the runners' flags): `weight_averaging.studies.grid`.
 """
 
+import contextlib
 import os
 import sys
 
@@ -23,16 +26,18 @@ try:
 except ImportError:  # run from a checkout without the package installed
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from weight_averaging.studies import grid
-from weight_averaging.studies import workloads_config as wc
+from weight_averaging import processes
+from weight_averaging.algoperf_api import catalog
+from weight_averaging.studies import configs, workload_facts
 
-flags.DEFINE_list("submissions", list(wc.SUBMISSIONS), "Submissions to run.")
-flags.DEFINE_list("workloads", list(wc.PAPER_WORKLOADS),
+flags.DEFINE_list("submissions", list(catalog.NAMES), "Submissions to run.")
+flags.DEFINE_list("workloads", list(workload_facts.PAPER_WORKLOADS),
                   "Workloads to run: names of workloads_config/*.json (the embedded one is "
                   "teacher_student).")
 flags.DEFINE_integer("num_studies", 3, "Studies per submission and workload (study_0, ...).")
-flags.DEFINE_enum("api", "jit", list(wc.APIS), "The AlgoPerf JAX API: submissions/<api>/ and "
+flags.DEFINE_enum("api", "jit", list(configs.APIS), "The AlgoPerf JAX API: submissions/<api>/ and "
                   "the algoperf checkout's commit (jit: 2c90454f, pmap: fb2f492a).")
-flags.DEFINE_enum("search_space", "paper", list(wc.SEARCH_SPACES),
+flags.DEFINE_enum("search_space", "paper", list(configs.SEARCH_SPACES),
                   "'paper': one trial, the paper's point per workload; 'all': the optimizer's "
                   "five published points (AlgoPerf's external tuning), with the workload's "
                   "averaging settings.")
@@ -77,8 +82,20 @@ def main(argv):
   except ValueError as e:
     print(f"run_study: {e}", file=sys.stderr)
     return 2
-  result = grid.run_grid(runs, dry_run=FLAGS.dry_run, overwrite=FLAGS.overwrite,
-                         report=_report)
+  # A dry run changes no trial, so it may look at a grid that another run_study runs.
+  lock = (contextlib.nullcontext() if FLAGS.dry_run else processes.exclusive(
+      grid.run_study_path(FLAGS.experiment_dir, "lock"),
+      f"experiment directory {FLAGS.experiment_dir} (run_study)"))
+  try:
+    with lock, processes.signals_raise():
+      result = grid.run_grid(runs, dry_run=FLAGS.dry_run, overwrite=FLAGS.overwrite,
+                             report=_report)
+  except processes.Busy as e:
+    print(f"run_study: {e}", file=sys.stderr)
+    return 2
+  except processes.Terminated as e:
+    print(f"run_study: {e}; the running trial's processes were stopped", file=sys.stderr)
+    return e.exit_status
   _report(grid.summary(result))
   return 0 if result.ok else 1
 

@@ -5,7 +5,9 @@ best validation metrics and the performance-profile score; prints tables, writes
       [--baseline=nadamw] [--use_algoperf=auto|yes|no] [--num_devices=1]
 
 DIR holds ``<submission>/<study>/<workload>_<framework>/trial_<n>/eval_measurements.csv``. The
-definitions and the JSON structure are in ``weight_averaging/studies/scoring.py``.
+definitions are in ``weight_averaging/studies/scoring.py``, the JSON structure in
+``weight_averaging/studies/scores_file.py``. Trials that are not scored (no eval file, a
+damaged one, or a run that did not finish) are listed on stderr and in the scores file.
 """
 
 import os
@@ -14,18 +16,20 @@ import sys
 from absl import app, flags
 
 try:
-  from weight_averaging.studies import scoring
+  import weight_averaging  # pylint: disable=unused-import
 except ImportError:   # run from a checkout without the package installed
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from weight_averaging.studies import scoring
+from weight_averaging.studies import scores_file, scoring, workload_facts
 
 flags.DEFINE_string("experiment_dir", None, "Directory of <submission>/<study>/... logs.")
 flags.DEFINE_string("output_json", None, "Scores JSON (default: DIR/scores.json).")
 flags.DEFINE_string("output_csv", None, "Scores CSV (default: DIR/scores.csv).")
-flags.DEFINE_string("baseline", "nadamw", "Submission whose steps the others are divided by.")
+flags.DEFINE_string("baseline", None, "Submission whose steps the others are divided by: one "
+                    f"of those in DIR (default: {scoring.DEFAULT_BASELINE}, where present).")
 flags.DEFINE_enum("use_algoperf", "auto", ["auto", "yes", "no"],
                   "Use AlgoPerf's own scoring code: where it imports, always, or never.")
-flags.DEFINE_integer("num_devices", 1, "Accelerators per run, for the GPU-hours.")
+flags.DEFINE_integer("num_devices", 1, "Accelerators per run, for the GPU-hours.",
+                     lower_bound=1)
 flags.mark_flag_as_required("experiment_dir")
 FLAGS = flags.FLAGS
 
@@ -49,7 +53,7 @@ def target_tables(scores) -> str:
   out = []
   for w, by_sub in scores["results"].items():
     spec = scores["workloads"][w]
-    sign = "<=" if spec["minimize"] else ">="
+    sign = workload_facts.comparison(spec["minimize"], spec.get("strict", True))
     bases = sorted({b for r in by_sub.values() for b in r["fraction_of_baseline_steps"]})
     header = (["submission", "studies hit", "steps to target", "time to target (s)"]
               + [f"steps / {b}" for b in bases] + ["steps per study"])
@@ -112,15 +116,18 @@ def main(argv):
   print(f"Scored {FLAGS.experiment_dir} with {scores['backend']} scoring; baseline "
         f"{scores['baseline']!r}")
   for d in scores["algoperf_disagreements"]:
-    print(f"warning: ours and algoperf's differ on {d}")
-  for path in scores["skipped_trials"]:
-    print(f"warning: skipped {path} (no {scoring.EVAL_FILE})")
+    print(f"warning: ours and algoperf's differ on {d}", file=sys.stderr)
+  for s in scores["skipped_trials"]:
+    print(f"warning: not scored, trial {s['trial']}: {s['reason']}", file=sys.stderr)
+  for u in scores["unfinished_trials"]:
+    print(f"warning: not scored, unfinished trial {u['trial']}: {u['reason']}",
+          file=sys.stderr)
   print("\n\n".join(["", target_tables(scores), gpu_table(scores), best_table(scores),
                      profile_table(scores), ""]))
   json_path = FLAGS.output_json or os.path.join(FLAGS.experiment_dir, "scores.json")
   csv_path = FLAGS.output_csv or os.path.join(FLAGS.experiment_dir, "scores.csv")
-  scoring.write_scores(scores, json_path)
-  scoring.write_csv(scores, csv_path)
+  scores_file.write(scores, json_path)
+  scores_file.write_csv(scores, csv_path)
   print(f"Wrote {json_path} and {csv_path}")
 
 

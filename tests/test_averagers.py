@@ -164,6 +164,17 @@ def test_lawa_window_is_exactly_the_latest_k():
   assert float(got[0]["s"]) == 0.0
 
 
+@pytest.mark.parametrize("where", ["replicated", "sharded", "host"])
+@pytest.mark.parametrize("gate", ["cond", "mask"])
+@pytest.mark.parametrize("k, every", [(9, 1), (17, 2)])
+def test_lawa_long_rings_match_brute_force(k, every, gate, where):
+  """Rings longer than one re-sum sweep (8 slots), through every gate and placement."""
+  trajectory = random_trajectory(5, 2 * k * every + 5, offset=3.0)
+  got, _ = run_jit(wa.lawa(k, every=every, gate=gate, placement=where), trajectory)
+  want = per_leaf(lawa_reference, trajectory, k=k, every=every, start_step=0)
+  assert_matches(got, want, trajectory, rtol=2e-6, atol=2e-6)
+
+
 def test_lawa_mean_does_not_drift_over_100k_pushes():
   """The running sum stays exact to float32 rounding after 100,000 pushes."""
   k, num_pushes, size = 7, 100_000, 512
@@ -304,7 +315,12 @@ def test_pmap_placements_match_one_device(name, where):
     tree = state.ema if name == "ema" else state.survivor_sum
     assert tree["w"].shape == (n, 4)  # 15 elements padded to 16, 4 per device
   if where == "host":
-    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(state))
+    # Between steps the bulk (ring, EMA) is in host RAM; counters and sums stay on the devices.
+    bulk = state.ema if name == "ema" else state.ring
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(bulk))
+    rest = [state.step, state.count] + ([] if name == "ema" else
+                                        jax.tree_util.tree_leaves(state.survivor_sum))
+    assert all(isinstance(x, jax.Array) for x in rest)
 
 
 # ----------------------------------------------------------------------------
@@ -318,7 +334,10 @@ def test_pmap_placements_match_one_device(name, where):
     (lambda: wa.ema("0.9"), "beta", "'0.9'"),
     (lambda: wa.ema(True), "beta", "True"),
     (lambda: wa.ema(0.9, every=0), "every", "0"),
-    (lambda: wa.ema(0.9, every=2.0), "every", "2.0"),
+    (lambda: wa.ema(0.9, every=2.5), "every", "2.5"),
+    (lambda: wa.ema(0.9, every=True), "every", "True"),
+    (lambda: wa.ema(0.9, every="2"), "every", "'2'"),
+    (lambda: wa.ema(0.9, start_step=0.5), "start_step", "0.5"),
     (lambda: wa.ema(0.9, start_step=-1), "start_step", "-1"),
     (lambda: wa.ema(0.9, dtype="int32"), "dtype", "'int32'"),
     (lambda: wa.ema(0.9, dtype="nonsense"), "dtype", "'nonsense'"),
@@ -326,6 +345,9 @@ def test_pmap_placements_match_one_device(name, where):
     (lambda: wa.ema(0.9, gate="branch"), "gate", "'branch'"),
     (lambda: wa.lawa(0, every=1), "k", "0"),
     (lambda: wa.lawa(2.5, every=1), "k", "2.5"),
+    (lambda: wa.lawa(True, every=1), "k", "True"),
+    (lambda: wa.lawa("2", every=1), "k", "'2'"),
+    (lambda: wa.lawa(2, every=float("inf")), "every", "inf"),
     (lambda: wa.lawa(2, every=0), "every", "0"),
     (lambda: wa.lawa(2, every=1, dtype=jnp.int8), "dtype", "int8"),
     (lambda: wa.lawa(2, every=1, placement=None), "placement", "None"),
@@ -334,6 +356,24 @@ def test_bad_hyperparameters_name_themselves(call, name, value):
   with pytest.raises(ValueError) as error:
     call()
   assert name in str(error.value) and value in str(error.value)
+
+
+@pytest.mark.parametrize("floats, ints", [
+    (lambda: wa.ema(0.9, every=2.0, start_step=3.0),
+     lambda: wa.ema(0.9, every=2, start_step=3)),
+    (lambda: wa.lawa(3.0, every=2.0, start_step=1.0),
+     lambda: wa.lawa(3, every=2, start_step=1)),
+], ids=["ema", "lawa"])
+def test_integral_floats_are_their_integers(floats, ints):
+  """``every=2.0`` (a value of a linear search-space range) is ``every=2``, and so on."""
+  trajectory = random_trajectory(3, 12)
+  got, got_state = run_jit(floats(), trajectory)
+  want, want_state = run_jit(ints(), trajectory)
+  assert (jax.tree_util.tree_structure(got_state)
+          == jax.tree_util.tree_structure(want_state))
+  for a, b in zip(jax.tree_util.tree_leaves((got, got_state)),
+                  jax.tree_util.tree_leaves((want, want_state))):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", sorted(AVERAGERS))
@@ -349,3 +389,83 @@ def test_update_works_in_place(name):
             if re.search(r"= f32\[[0-9,]*\]\S* copy\(", line)
             and ("64,48" in line or "3072" in line)]
   assert not copies, copies
+
+
+# ----------------------------------------------------------------------------
+# Mixed dtypes: float32 and bfloat16 leaves averaged (each returned in its own dtype),
+# integer and boolean leaves passed through live.
+
+MIXED = {"w": ((3, 5), np.float32), "scale": ((), jnp.bfloat16),
+         "count": ((2,), np.int32), "mask": ((4,), np.bool_)}
+
+
+def mixed_trajectory(seed, num_steps):
+  """Floats that wander, integers and booleans that change at every step."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for t in range(num_steps):
+    out.append({"w": rng.normal(size=(3, 5)).astype(np.float32),
+                "scale": np.asarray(1.0 + rng.normal(), jnp.bfloat16),
+                "count": np.asarray([t + 1, 3 * t + 2], np.int32),
+                "mask": rng.integers(0, 2, size=4).astype(np.bool_)})
+  return out
+
+
+def mixed_reference(name, trajectory, every):
+  """Brute force, float64: floats averaged then cast to their dtype, the rest live."""
+  floats = ("w", "scale")
+  if name == "ema":  # AVERAGERS["ema"]: beta 0.8, debiased
+    columns = {n: ema_reference([p[n] for p in trajectory], beta=0.8, every=every,
+                                start_step=0, debias=True) for n in floats}
+  else:  # AVERAGERS["lawa"]: k = 3
+    columns = {n: lawa_reference([p[n] for p in trajectory], k=3, every=every,
+                                 start_step=0) for n in floats}
+  out = []
+  for t, live in enumerate(trajectory):
+    tree = dict(live)
+    for n in floats:
+      if columns[n][t] is not None:
+        tree[n] = np.asarray(columns[n][t]).astype(MIXED[n][1])
+    out.append(tree)
+  return out
+
+
+@pytest.mark.parametrize("where", PLACEMENTS)
+@pytest.mark.parametrize("name", sorted(AVERAGERS))
+def test_mixed_dtype_tree_matches_numpy(name, where):
+  """float32 + bfloat16 + int32 + bool: floats averaged in float32 and returned in their
+  dtype; the int and bool leaves come back live (not a floored mean, not a rounded
+  one), and the state holds nothing for them."""
+  trajectory = mixed_trajectory(5, 11)
+  averager = AVERAGERS[name](where)
+  got, state = run_jit(averager, trajectory)
+  want = mixed_reference(name, trajectory, every=2)
+  for t, (g, w) in enumerate(zip(got, want)):
+    for leaf in MIXED:
+      assert g[leaf].dtype == np.dtype(MIXED[leaf][1]), (t, leaf)
+    np.testing.assert_allclose(g["w"], w["w"], rtol=2e-6, atol=2e-6, err_msg=f"step {t}")
+    # bfloat16: the float32 mean, rounded once (8 significant bits).
+    np.testing.assert_allclose(np.float64(g["scale"]), np.float64(w["scale"]),
+                               rtol=2**-8, err_msg=f"step {t}")
+    np.testing.assert_array_equal(g["count"], trajectory[t]["count"])
+    np.testing.assert_array_equal(g["mask"], trajectory[t]["mask"])
+  stored = state.ema if name == "ema" else state.survivor_sum
+  assert stored["count"] is None and stored["mask"] is None
+  assert stored["w"].dtype == stored["scale"].dtype == jnp.float32
+
+
+def test_integer_and_boolean_means_are_not_taken():
+  """The case that was wrong: the LAWA mean of [1, 2] and [4, 7] came back [2, 4], and
+  a mean of False and True (0.5) came back True. Now the live values come back."""
+  averager = wa.lawa(2, every=1)
+  first = {"n": jnp.asarray([1, 2], jnp.int32), "b": jnp.asarray(False),
+           "x": jnp.asarray(1.0)}
+  second = {"n": jnp.asarray([4, 7], jnp.int32), "b": jnp.asarray(True),
+            "x": jnp.asarray(2.0)}
+  state = averager.update(averager.update(averager.init(first), first), second)
+  live = {"n": jnp.asarray([5, 6], jnp.int32), "b": jnp.asarray(False),
+          "x": jnp.asarray(9.0)}
+  out = averager.average(state, live)
+  assert out["n"].tolist() == [5, 6] and out["n"].dtype == jnp.int32
+  assert out["b"].tolist() is False and out["b"].dtype == jnp.bool_
+  assert float(out["x"]) == 1.5  # the floating leaf is averaged

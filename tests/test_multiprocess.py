@@ -1,6 +1,6 @@
 """Several processes, one mesh: 2 processes x 2 CPU devices against 1 process x 4.
 
-The multi-process runs are real: `weight_averaging.launch` starts two Python
+The multi-process runs are real: `weight_averaging.runner.launch` starts two Python
 processes on localhost (each with its own XLA_FLAGS, gloo collectives and a
 `jax.distributed` coordinator on a free port) that run the repository's jit
 NadamW + EMA / LAWA submissions through the embedded runner. The reference is the
@@ -18,13 +18,15 @@ import time
 import numpy as np
 import pytest
 
-from weight_averaging import distributed, launch, placement
+from weight_averaging import placement
+from weight_averaging.runner import distributed, launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 WORKER = os.path.join(FIXTURES, "multiprocess_worker.py")
 sys.path.insert(0, FIXTURES)
 import multiprocess_worker  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import process_groups  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS = [f"{a}:{p}" for a in ("ema", "lawa") for p in placement.PLACEMENTS]
 KILLED = "lawa:sharded:killed"  # killed at step 8, after the checkpoint at step 5
@@ -43,18 +45,30 @@ def child_env():
   return env
 
 
-def run_launch(args, timeout_s=TIMEOUT_S):
-  """Runs the launcher in its own session; kills the whole group if it overstays."""
-  command = [sys.executable, "-m", "weight_averaging.launch", "--num_processes", "2",
-             "--devices_per_process", "2", "--timeout_s", str(timeout_s), "--",
-             sys.executable, WORKER] + args
-  proc = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def start_launch(command, timeout_s=TIMEOUT_S, devices_per_process=2,
+                 output=subprocess.PIPE):
+  """The launcher of `command` x 2 processes, in its own session (pgid = its pid)."""
+  return subprocess.Popen(
+      [sys.executable, "-m", "weight_averaging.runner.launch", "--num_processes", "2",
+       "--devices_per_process", str(devices_per_process), "--timeout_s", str(timeout_s),
+       "--"] + command, cwd=ROOT, env=child_env(), stdout=output,
+      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def run_launch(args, timeout_s=TIMEOUT_S, command=None, devices_per_process=2):
+  """Runs the launcher (of the worker with `args`, or of `command`); kills its whole
+  group if it overstays."""
+  proc = start_launch(command or [sys.executable, WORKER] + args, timeout_s,
+                      devices_per_process)
   try:
     out, _ = proc.communicate(timeout=timeout_s + 30)
   except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate()
+    proc.send_signal(signal.SIGTERM)  # the launcher stops its processes' groups
+    try:
+      out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      out, _ = proc.communicate()
     pytest.fail(f"launch did not end in {timeout_s + 30} s:\n{out[-3000:]}")
   return proc.returncode, out
 
@@ -171,3 +185,72 @@ def test_settings_come_from_the_environment_the_launcher_sets():
       == ["x", "--id=1/3"]
   with pytest.raises(ValueError, match="devices_per_process"):
     launch.launch(["true"], 2, 0)
+
+
+# ----------------------------------------------------------------------------
+# Processes: nothing the launcher started outlives it, and a failure ends it at once.
+
+
+def shell_processes(out_dir, fail):
+  """Each process: a shell that leaves a grandchild (``sleep``) and writes its pid (its
+  group's id); process 1 exits 3 once process 0 is up if `fail`, else both wait."""
+  child = os.path.join(out_dir, "child_{process_id}")
+  ready = os.path.join(out_dir, "child_0")
+  script = (f"sleep 300 & echo $$ > {child}.tmp && mv {child}.tmp {child}; " +
+            (f"if [ {{process_id}} = 1 ]; then while [ ! -f {ready} ]; do sleep 0.05; "
+             "done; exit 3; fi; " if fail else "") + "wait")
+  return ["sh", "-c", script]
+
+
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc (Linux)")
+
+
+@needs_proc
+@pytest.mark.parametrize("how", ["a process fails", "SIGTERM to the launcher"])
+def test_no_process_the_launcher_started_survives_it(tmp_path, how):
+  """A failing process, or SIGTERM, ends the launcher and every process group it started:
+  the shells and the grandchildren they left running."""
+  # Output to a file: a grandchild left running would hold a pipe open.
+  output = open(tmp_path / "launch.log", "w")
+  proc = start_launch(shell_processes(str(tmp_path), fail=how == "a process fails"),
+                      devices_per_process=1, output=output)
+  pgids = {proc.pid}
+  try:
+    process_groups.wait_for_files([tmp_path / "child_0", tmp_path / "child_1"], proc=proc)
+    pgids |= {int((tmp_path / f"child_{i}").read_text()) for i in (0, 1)}
+    start = time.monotonic()
+    if how == "SIGTERM to the launcher":
+      proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    took = time.monotonic() - start
+    out = (tmp_path / "launch.log").read_text()
+    expected = 3 if how == "a process fails" else 128 + signal.SIGTERM
+    assert proc.returncode == expected, out
+    assert ("process 1 exited with status 3" if expected == 3 else "stopped by SIGTERM") in out
+    assert process_groups.survivors(pgids) == []
+    assert took < 60, f"the launcher took {took:.1f} s"
+  finally:
+    process_groups.kill_groups(pgids)
+    output.close()
+
+
+def test_a_runner_that_fails_early_ends_the_launch_within_seconds(tmp_path):
+  """Process 1 of the runner fails at once (its search space is not JSON); process 0 waits
+  for it in a collective. The failed process exits at once instead of waiting in
+  jax.distributed's shutdown (about 120 s), and the launcher stops process 0."""
+  good = os.path.join(FIXTURES, "sgd_search_space.json")
+  (tmp_path / "space_0.json").write_text(open(good).read())
+  (tmp_path / "space_1.json").write_text("{not json")
+  command = [sys.executable, "-m", "weight_averaging.runner",
+             f"--submission_path={os.path.join(FIXTURES, 'sgd_submission.py')}",
+             f"--tuning_search_space={tmp_path}/space_{{process_id}}.json",
+             f"--experiment_dir={tmp_path}", "--experiment_name=x",
+             "--max_global_steps=2", "--progress=false"]
+  start = time.monotonic()
+  code, out = run_launch([], command=command, devices_per_process=1)
+  took = time.monotonic() - start
+  assert code == 1, out[-3000:]
+  assert f"search space {tmp_path}/space_1.json is not valid JSON" in out
+  assert "process 1 exited with status 1; stopping the others" in out
+  assert took < 60, f"the launcher took {took:.1f} s"
+  assert not os.path.exists(tmp_path / "x")

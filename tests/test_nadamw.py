@@ -8,16 +8,10 @@ import numpy as np
 import optax
 import pytest
 
+from weight_averaging.optimizers import common
 from weight_averaging.optimizers import nadamw as nadamw_lib
 
-
-def reference_schedule(lr, warmup_factor, step_hint, step):
-  """Linear warmup to lr over int(warmup_factor * T) steps, then cosine to 0 at T."""
-  warmup = int(warmup_factor * step_hint)
-  if step < warmup:
-    return lr * step / warmup
-  decay = max(step_hint - warmup, 1)
-  return lr * 0.5 * (1 + math.cos(math.pi * min(step - warmup, decay) / decay))
+from test_common import reference_schedule
 
 
 class NumpyNadamw:
@@ -59,7 +53,7 @@ def _params(seed):
 @pytest.mark.parametrize("grad_clip", [None, 0.3])
 def test_nadamw_matches_numpy(grad_clip):
   lr, b1, b2, wd, hint, warm = 0.01, 0.9, 0.99, 0.1, 20, 0.1
-  schedule = nadamw_lib.warmup_cosine_schedule(lr, warm, hint)
+  schedule = common.warmup_cosine_schedule(lr, warm, hint)
   opt = nadamw_lib.nadamw(schedule, b1=b1, b2=b2, weight_decay=wd, grad_clip=grad_clip)
   params = {k: jnp.asarray(v) for k, v in _params(0).items()}
   ref = NumpyNadamw(_params(0), lr, b1, b2, 1e-8, wd, grad_clip,
@@ -81,32 +75,15 @@ def test_nadamw_matches_numpy(grad_clip):
 def test_first_update_is_zero_with_warmup_and_nonzero_without():
   grads = {"w": jnp.ones((2,))}
   params = {"w": jnp.ones((2,))}
-  warm = nadamw_lib.nadamw(nadamw_lib.warmup_cosine_schedule(0.1, 0.5, 10))
+  warm = nadamw_lib.nadamw(common.warmup_cosine_schedule(0.1, 0.5, 10))
   updates, _ = warm.update(grads, warm.init(params), params)
   np.testing.assert_array_equal(np.asarray(updates["w"]), 0.0)
-  flat = nadamw_lib.nadamw(nadamw_lib.warmup_cosine_schedule(0.1, 0.0, 10))
+  flat = nadamw_lib.nadamw(common.warmup_cosine_schedule(0.1, 0.0, 10))
   updates, _ = flat.update(grads, flat.init(params), params)
   # lr 0.1 at step 0. With g = 1: mu = 0.1, look-ahead 0.9 * 0.1 + 0.1 = 0.19, over
   # 1 - b1 = 0.1 gives 1.9; nu_hat = 1. (Both terms share 1 - b1^t, so the first
   # Nesterov step is (1 + b1) times Adam's.)
   np.testing.assert_allclose(np.asarray(updates["w"]), -0.19, rtol=1e-5)
-
-
-@pytest.mark.parametrize("warmup_factor,step_hint", [(0.1, 20), (0.05, 1000), (0.0, 7),
-                                                     (0.02, 52000), (1.0, 10)])
-def test_schedule_matches_reference(warmup_factor, step_hint):
-  schedule = nadamw_lib.warmup_cosine_schedule(0.003, warmup_factor, step_hint)
-  steps = sorted({0, 1, 2, int(warmup_factor * step_hint), step_hint // 2,
-                  step_hint - 1, step_hint, step_hint + 5})
-  for s in steps:
-    want = reference_schedule(0.003, warmup_factor, step_hint, s)
-    assert float(schedule(s)) == pytest.approx(want, rel=1e-5, abs=1e-9), s
-    assert nadamw_lib.cosine_value(0.003, warmup_factor, step_hint, s) == pytest.approx(
-        want, rel=1e-12, abs=1e-15)
-  if int(warmup_factor * step_hint) < step_hint:
-    assert float(schedule(step_hint)) == pytest.approx(0.0, abs=1e-12)
-  # (With warmup_factor = 1 the one-step cosine starts at step_hint, as in the reference.)
-  assert float(schedule(step_hint + 100)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_scale_by_nadam_without_debias():
@@ -116,13 +93,3 @@ def test_scale_by_nadam_without_debias():
   # mu = 1, nu = 1, look-ahead = 0.5 * 1 + 0.5 * 2 = 1.5; u = 1.5 / sqrt(1).
   np.testing.assert_allclose(np.asarray(out["w"]), [1.5])
   assert int(state.count) == 1
-
-
-def test_clipping_leaves_small_gradients_alone():
-  t = nadamw_lib.scale_by_clipped_global_norm(10.0)
-  g = {"a": jnp.asarray([3.0]), "b": jnp.asarray([4.0])}
-  out, _ = t.update(g, t.init(g))
-  np.testing.assert_allclose(np.asarray(out["a"]), [3.0], rtol=1e-6)
-  t = nadamw_lib.scale_by_clipped_global_norm(1.0)
-  out, _ = t.update(g, t.init(g))
-  np.testing.assert_allclose(np.asarray(out["b"]), [4.0 / (5.0 + 1e-6)], rtol=1e-6)

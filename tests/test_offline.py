@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from weight_averaging import runner, snapshots, workloads
+from weight_averaging import layout, runner, snapshots, workloads
 from weight_averaging.algoperf_api import hyperparameters as hp
 from weight_averaging.studies import offline
 
@@ -60,9 +60,7 @@ def pmap_run(tmp_path_factory):
 
 
 def _online_rows(result):
-  with open(os.path.join(result.log_dir, "eval_measurements.csv")) as f:
-    header, *rows = [line.rstrip("\n").split(",") for line in f]
-  return [dict(zip(header, row)) for row in rows]
+  return layout.read_rows(layout.eval_file(result.log_dir))
 
 
 # ----------------------------------------------------------------------------
@@ -261,7 +259,67 @@ def test_cli_writes_the_results_json(lawa_run, tmp_path):
        "--lawa_k=2", f"--output_json={tmp_path / 'bad.json'}"], cwd=ROOT,
       capture_output=True, text=True, check=False)
   assert bad.returncode != 0 and "not a multiple" in bad.stderr
-  if importlib.util.find_spec("matplotlib") is not None:  # plot.py draws the file
+  if importlib.util.find_spec("matplotlib") is not None:  # what plot.py makes of the file
     from weight_averaging.studies import plots  # pylint: disable=g-import-not-at-top
-    figures = plots.offline_heatmaps(results, str(tmp_path / "figs"))
-    assert figures and all(os.path.getsize(f) > 0 for f in figures)
+    # 200 steps are short of the target: no relative steps, so no heatmap of misses only
+    # (test_plots draws one from a grid that hits).
+    assert results["baseline"]["steps_to_target"] is None
+    paths, why = plots.attempt(plots.offline_heatmaps, results, str(tmp_path / "figs"))
+    assert paths == [] and "never reached the target" in why
+
+
+class _Bomb:
+  """Unpickled, it writes a file: what loading a snapshot with pickles allowed would run."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, "w"))
+
+
+def _damage_truncate(path, tmp_path):
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  return "damaged snapshot"
+
+
+def _damage_pickle(path, tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  with open(path, "wb") as f:
+    pickle.dump(_Bomb(str(tmp_path / "ran")), f)
+  return "not a .npz (zip) archive"
+
+
+def _damage_missing_leaf(path, tmp_path):
+  np.savez(path, other=np.zeros(3, np.float32))
+  return "leaf_00000"
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_pickle, _damage_missing_leaf])
+def test_a_damaged_snapshot_is_named_and_never_unpickled(tmp_path, damage):
+  like = {"params": {"w": np.arange(3, dtype=np.float32)}, "model_state": None}
+  snap_dir = tmp_path / "snaps"
+  writer = snapshots.SnapshotWriter(str(snap_dir), 5, like, run="run-a")
+  writer.save(0, like)
+  writer.flush()
+  path = snapshots.step_path(str(snap_dir), 0)
+  expected = damage(path, tmp_path)
+  with pytest.raises(ValueError) as info:
+    snapshots.load(str(snap_dir), 0, like)
+  message = str(info.value)
+  assert message.startswith(f"{path}: damaged snapshot") and expected in message
+  assert "allow_pickle" not in message and not (tmp_path / "ran").exists()
+  with pytest.raises(ValueError, match="damaged snapshot"):
+    offline.Snapshots(str(snap_dir), like)   # the replay's first read
+
+
+def test_a_damaged_manifest_is_named(tmp_path):
+  (tmp_path / snapshots.MANIFEST).write_text('{"format": "weight_averaging.snaps')
+  with pytest.raises(ValueError, match=f"{tmp_path / snapshots.MANIFEST}: damaged, not valid"):
+    snapshots.read_manifest(str(tmp_path))
+  (tmp_path / snapshots.MANIFEST).write_text(json.dumps({"format": snapshots.FORMAT}))
+  with pytest.raises(ValueError, match="damaged manifest, missing or malformed 'snapshot_every'"):
+    snapshots.read_manifest(str(tmp_path))

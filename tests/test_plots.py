@@ -1,5 +1,6 @@
 """The figures: drawn from scored fixtures, with the values the scores hold."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from weight_averaging.studies import plots, scoring
+from weight_averaging.studies import plots, scores_file, scoring
 
 import test_scoring  # the hand-built experiment fixture
 
@@ -30,8 +31,8 @@ def scores(tmp_path_factory):
     for study in ("study_0", "study_1"):
       test_scoring.write_trial(root, sub, study, "teacher_student", "trial_1", 0, values)
   path = str(root / "scores.json")
-  scoring.write_scores(scoring.score_experiment(str(root), use_algoperf="no"), path)
-  return scoring.load_scores(path)
+  scores_file.write(scoring.score_experiment(str(root), use_algoperf="no"), path)
+  return scores_file.load(path)
 
 
 @pytest.fixture
@@ -124,9 +125,74 @@ def test_figures_without_their_runs_are_skipped(scores, tmp_path):
   assert plots.window_vs_speedup([], str(tmp_path)) == []
 
 
+def _all_missed(scores):
+  """`scores` as if no submission had reached the target: no fraction of a base."""
+  missed = copy.deepcopy(scores)
+  for by_sub in missed["results"].values():
+    for r in by_sub.values():
+      r["fraction_of_baseline_steps"] = {b: None for b in r["fraction_of_baseline_steps"]}
+  return missed
+
+
+def test_a_figure_of_misses_only_is_not_drawn_and_says_why(scores, tmp_path):
+  missed = _all_missed(scores)
+  for figure in (plots.steps_to_target, plots.shampoo):
+    paths, why = plots.attempt(figure, missed, str(tmp_path))
+    assert paths == [] and "every bar would be a miss" in why
+    assert figure(missed, str(tmp_path)) == []
+  assert os.listdir(tmp_path) == []   # no empty frame on disk
+
+
+def test_validation_curves_draw_only_workloads_with_a_curve(scores, tmp_path, captured):
+  no_curves = copy.deepcopy(scores)
+  for by_sub in no_curves["results"].values():
+    for r in by_sub.values():
+      for study in r["studies"].values():
+        study["curve"]["metric"] = [None] * len(study["curve"]["metric"])
+  paths, why = plots.attempt(plots.validation_curves, no_curves, str(tmp_path))
+  assert paths == [] and "no validation curve" in why
+  # a second workload without curves gets no panel: one axes, teacher_student's
+  two = copy.deepcopy(scores)
+  two["results"]["other"] = no_curves["results"]["teacher_student"]
+  two["workloads"]["other"] = scores["workloads"]["teacher_student"]
+  plots.validation_curves(two, str(tmp_path))
+  axes = [ax for ax in captured["fig1_validation_curves"].axes if ax.get_visible()]
+  assert [ax.get_title() for ax in axes] == ["teacher_student"]
+
+
+def test_offline_figures_without_a_hit_are_not_drawn(tmp_path):
+  no_base = dict(OFFLINE, baseline={"steps_to_target": None})
+  assert "without averaging never reached" in plots.attempt(plots.offline_heatmaps, no_base,
+                                                            str(tmp_path))[1]
+  no_hit = dict(OFFLINE, grid=[dict(p, steps_to_target=None) for p in OFFLINE["grid"]])
+  assert "every cell would be a miss" in plots.attempt(plots.offline_heatmaps, no_hit,
+                                                       str(tmp_path))[1]
+  assert "missed the target" in plots.attempt(plots.window_vs_speedup, [no_base, no_hit],
+                                              str(tmp_path))[1]
+  skipped = {}
+  figures = plots.all_figures(None, [no_hit], str(tmp_path), skipped)
+  assert figures == {"fig3_window_vs_speedup": [], "fig10_11_heatmaps_teacher_student": []}
+  assert set(skipped) == set(figures)
+  assert os.listdir(tmp_path) == []
+
+
+def test_cli_says_which_figures_it_skipped_and_why(scores, tmp_path):
+  path = tmp_path / "missed.json"
+  scores_file.write(_all_missed(scores), str(path))
+  out = tmp_path / "figs"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "plot.py"), f"--scores={path}",
+       f"--output_dir={out}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert any(l.startswith("fig2_steps_to_target: skipped, not drawn: no submission and its base")
+             for l in lines), lines
+  assert sorted(os.listdir(out)) == ["fig1_validation_curves.pdf", "fig1_validation_curves.png"]
+
+
 def test_cli(scores, tmp_path):
   scores_path = tmp_path / "scores.json"
-  scoring.write_scores(scores, str(scores_path))
+  scores_file.write(scores, str(scores_path))
   offline_path = tmp_path / "offline.json"
   offline_path.write_text(__import__("json").dumps(OFFLINE))
   out = tmp_path / "figs"

@@ -7,19 +7,25 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from weight_averaging import workloads
-from weight_averaging.studies import grid
-from weight_averaging.studies import scoring
-from weight_averaging.studies import workloads_config as wc
+from weight_averaging import layout, workloads
+from weight_averaging.algoperf_api import catalog
+from weight_averaging.studies import checkout, configs, grid, scores_file, scoring
+from weight_averaging.studies import workload_facts
 
-REPO = wc.REPO
+REPO = configs.REPO
+PAPER_WORKLOADS = workload_facts.PAPER_WORKLOADS
 SCRIPT = os.path.join(REPO, "scripts", "run_study.py")
-FAKE_ALGOPERF = os.path.join(REPO, "tests", "fixtures", "run_study_fake_algoperf")
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+FAKE_ALGOPERF = os.path.join(FIXTURES, "run_study_fake_algoperf")
+sys.path.insert(0, FIXTURES)
+import process_groups  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 DATA_ROOT = "/data"
 
 # The paper's points (paper.md 4.2 and 4.4), numbered from 1 as in tuning_search_spaces/.
@@ -78,7 +84,7 @@ def find_algoperf_checkout():
   if spec is not None and spec.origin:
     candidates.append(os.path.dirname(os.path.dirname(spec.origin)))
   for path in candidates:
-    if path and os.path.isfile(os.path.join(path, grid.OFFICIAL_RUNNER)):
+    if path and os.path.isfile(os.path.join(path, checkout.OFFICIAL_RUNNER)):
       return path
   return None
 
@@ -88,18 +94,36 @@ def find_algoperf_checkout():
 
 
 def test_every_workload_has_a_valid_config():
-  configs = wc.load_all()
-  assert set(configs) == set(wc.PAPER_WORKLOADS) | {"teacher_student"}
-  for name in wc.PAPER_WORKLOADS:
-    assert configs[name].runner == "official"
-  assert configs["teacher_student"].runner == "embedded"
+  loaded = configs.load_all()
+  assert set(loaded) == set(PAPER_WORKLOADS) | {"teacher_student"}
+  for name in PAPER_WORKLOADS:
+    assert loaded[name].runner == "official"
+  assert loaded["teacher_student"].runner == "embedded"
+
+
+def test_configs_take_the_workload_facts_from_one_place():
+  """Step hints, budgets and targets are the workload's own (scoring's specs), and no config
+  file restates them."""
+  for name in PAPER_WORKLOADS + ("teacher_student",):
+    config, spec = configs.load(name), scoring.workload_spec(name)
+    assert config.step_hint == spec.step_hint, name
+    assert config.max_allowed_runtime_sec == spec.max_allowed_runtime_sec, name
+    assert f"validation/{config.target.metric}" == spec.metric, name
+    assert (config.target.validation, config.target.minimize, config.target.strict) == (
+        spec.target, spec.minimize, spec.strict), name
+    with open(os.path.join(configs.CONFIG_DIR, f"{name}.json")) as f:
+      raw = json.load(f)
+    assert not {"step_hint", "step_hint_v05", "max_allowed_runtime_sec", "target"} & set(raw)
+  facts = workload_facts.ALGOPERF_WORKLOADS["wmt"]
+  wmt = configs.load("wmt")
+  assert (wmt.target.test, wmt.step_hint_v05) == (facts.test_target, facts.step_hint_v05)
 
 
 def test_configs_hold_the_papers_points():
   nadamw = json.load(open(os.path.join(REPO, "tuning_search_spaces", "nadamw.json")))
   shampoo = json.load(open(os.path.join(REPO, "tuning_search_spaces", "shampoo.json")))
-  for name in wc.PAPER_WORKLOADS:
-    config = wc.load(name)
+  for name in PAPER_WORKLOADS:
+    config = configs.load(name)
     n = config.optimizers["nadamw"]
     s = config.optimizers["shampoo"]
     assert n.point == PAPER_NADAMW_POINT[name]
@@ -109,38 +133,36 @@ def test_configs_hold_the_papers_points():
 
 
 def test_averaging_window_is_about_one_percent_of_training():
-  for name in wc.PAPER_WORKLOADS:
-    config = wc.load(name)
+  for name in PAPER_WORKLOADS:
+    config = configs.load(name)
     assert config.averaging.lawa_k == 20 and config.averaging.ema_beta == 0.9
-    for api in wc.APIS:
-      assert 0.009 <= config.window_fraction(api) <= 0.0101, name
-      expected_nu = round(0.01 * config.step_hint[api] / 20)
-      assert config.averaging.every == expected_nu, name
+    assert 0.009 <= config.window_fraction() <= 0.0101, name
+    expected_nu = round(0.01 * config.step_hint / 20)
+    assert config.averaging.every == expected_nu, name
 
 
 def test_embedded_config_matches_the_workload_code():
-  config = wc.load("teacher_student")
-  for api in wc.APIS:
+  config = configs.load("teacher_student")
+  for api in configs.APIS:
     workload = workloads.get_workload("teacher_student", api=api)
-    assert config.step_hint[api] == workload.step_hint
-    assert config.max_allowed_runtime_sec[api] == workload.max_allowed_runtime_sec
+    assert config.step_hint == workload.step_hint
+    assert config.max_allowed_runtime_sec == workload.max_allowed_runtime_sec
     assert config.target.metric == workload.target_metric_name
     assert config.target.validation == workload.validation_target_value
     assert config.target.test == workload.test_target_value
   embedded = os.path.join(REPO, "tuning_search_spaces", "embedded")
-  for opt in wc.OPTIMIZERS:
+  for opt in catalog.OPTIMIZERS:
     [point] = json.load(open(os.path.join(embedded, f"{opt}.json")))
     assert config.optimizers[opt].hyperparameters == point
 
 
 def test_configs_match_the_algoperf_checkout():
-  checkout = find_algoperf_checkout()
-  if checkout is None:
+  algoperf_dir = find_algoperf_checkout()
+  if algoperf_dir is None:
     pytest.skip("no algoperf checkout (set ALGOPERF_DIR)")
-  api = grid.algoperf_api(checkout)
 
   def constant(name, prop):
-    root = os.path.join(checkout, "algoperf", "workloads", name)
+    root = os.path.join(algoperf_dir, "algoperf", "workloads", name)
     for path in sorted(glob.glob(os.path.join(root, "*_jax", "workload.py"))) + [
         os.path.join(root, "workload.py")]:
       text = open(path).read() if os.path.isfile(path) else ""
@@ -148,16 +170,16 @@ def test_configs_match_the_algoperf_checkout():
                         r"return ([\d_.]+)", text)
       if match:
         return float(match.group(1).replace("_", ""))
-    raise AssertionError(f"no {prop} for {name} in {checkout}")
+    raise AssertionError(f"no {prop} for {name} in {algoperf_dir}")
 
-  for name in wc.PAPER_WORKLOADS:
-    config = wc.load(name)
-    assert config.step_hint[api] == constant(name, "step_hint"), name
-    assert config.max_allowed_runtime_sec[api] == constant(name, "max_allowed_runtime_sec")
+  for name in PAPER_WORKLOADS:
+    config = configs.load(name)
+    assert config.step_hint == constant(name, "step_hint"), name
+    assert config.max_allowed_runtime_sec == constant(name, "max_allowed_runtime_sec")
 
 
 def _write_config(tmp_path, name, edit):
-  raw = json.load(open(os.path.join(wc.CONFIG_DIR, f"{name}.json")))
+  raw = json.load(open(os.path.join(configs.CONFIG_DIR, f"{name}.json")))
   edit(raw)
   path = tmp_path / f"{name}.json"
   path.write_text(json.dumps(raw))
@@ -183,7 +205,12 @@ def _set(value, *keys):
 @pytest.mark.parametrize("edit, message", [
     (_delete("averaging", "lawa_k"), "averaging.lawa_k: missing"),
     (_delete("data_flags", "data_dir"), "data_flags.data_dir: missing"),
-    (_delete("step_hint", "pmap"), "step_hint.pmap: missing"),
+    (_set({"jit": 120000, "pmap": 120000}, "step_hint"),
+     "step_hint: is the workload's own fact: it comes from weight_averaging.studies."
+     "workload_facts"),
+    (_set(133333, "step_hint_v05"), "step_hint_v05: is the workload's own fact"),
+    (_set({"metric": "bleu", "validation": 30.8491, "test": 30.7219, "minimize": False},
+          "target"), "target: is the workload's own fact"),
     (_delete("nadamw", "hyperparameters", "learning_rate"), "'learning_rate' is missing"),
     (_set(1.0, "averaging", "ema_beta"), "'ema_beta' must be a number in [0.0, 1.0)"),
     (_set(2.5, "averaging", "lawa_k"), "'lawa_k' must be an integer >= 1"),
@@ -191,7 +218,7 @@ def _set(value, *keys):
     (_set("lamb", "shampoo", "hyperparameters", "graft_type"), "'graft_type'"),
     (_set(64, "nadamw", "hyperparameters", "averaging_every"),
      "nadamw.hyperparameters.averaging_every: averaging hyperparameters belong in 'averaging'"),
-    (_set(0, "step_hint", "jit"), "step_hint.jit: must be an integer >= 1"),
+    (_set(0, "nadamw", "point"), "nadamw.point: hyperparameter 'point' must be an integer >= 1"),
     (_set("{data}/wmt", "data_flags", "data_dir"), "unknown placeholder {data}"),
     (_set("/x", "data_flags", "tokenizer"), "data_flags.tokenizer: unknown key"),
     (_set({"jit": "sharded", "pmap": "sharded"}, "averaging", "averaging_placement"),
@@ -203,49 +230,55 @@ def _set(value, *keys):
 def test_a_bad_config_is_an_error_naming_file_and_key(tmp_path, edit, message):
   path = _write_config(tmp_path, "wmt", edit)
   with pytest.raises(ValueError) as e:
-    wc.load("wmt", config_dir=str(tmp_path))
+    configs.load("wmt", config_dir=str(tmp_path))
   assert str(path) in str(e.value)
   assert message in str(e.value)
 
 
 def test_unknown_workload_and_unreadable_file_are_errors(tmp_path):
   with pytest.raises(ValueError, match=r"unknown workload 'imagenet_resnet'.*wmt"):
-    wc.load("imagenet_resnet")
+    configs.load("imagenet_resnet")
   (tmp_path / "wmt.json").write_text("{not json")
   with pytest.raises(ValueError, match=r"wmt.json: not valid JSON"):
-    wc.load("wmt", config_dir=str(tmp_path))
+    configs.load("wmt", config_dir=str(tmp_path))
+  raw = json.load(open(os.path.join(configs.CONFIG_DIR, "wmt.json")))
+  (tmp_path / "mystery.json").write_text(json.dumps(dict(raw, workload="mystery")))
+  with pytest.raises(ValueError, match=r"mystery.json: workload: unknown workload 'mystery'"):
+    configs.load("mystery", config_dir=str(tmp_path))
 
 
 def test_search_spaces_of_a_trial():
-  wmt = wc.load("wmt")
-  [plain] = wc.search_space(wmt, "nadamw", "jit")
+  wmt = configs.load("wmt")
+  [plain] = configs.search_space(wmt, "nadamw", "jit")
   assert plain == wmt.optimizers["nadamw"].hyperparameters
-  [lawa] = wc.search_space(wmt, "nadamw_lawa", "pmap")
+  [lawa] = configs.search_space(wmt, "nadamw_lawa", "pmap")
   assert lawa == dict(plain, averaging_every=60, lawa_k=20, averaging_start_step=0)
-  [ema] = wc.search_space(wmt, "shampoo_ema", "jit")
+  [ema] = configs.search_space(wmt, "shampoo_ema", "jit")
   assert ema == dict(wmt.optimizers["shampoo"].hyperparameters, averaging_every=60,
                      ema_beta=0.9, averaging_start_step=0)
-  five = wc.search_space(wmt, "shampoo_lawa", "jit", which="all")
+  five = configs.search_space(wmt, "shampoo_lawa", "jit", which="all")
   assert len(five) == 5 and all(p["lawa_k"] == 20 for p in five)
   assert [p["learning_rate"] for p in five] == [
       p["learning_rate"] for p in json.load(open(os.path.join(
           REPO, "tuning_search_spaces", "shampoo.json")))]
-  criteo = wc.load("criteo1tb")
-  assert wc.search_space(criteo, "nadamw_lawa", "jit")[0]["averaging_placement"] == "sharded"
-  assert "averaging_placement" not in wc.search_space(criteo, "nadamw_lawa", "pmap")[0]
+  criteo = configs.load("criteo1tb")
+  # jit: 'auto', the default (not written); pmap: 'replicated', its only placement.
+  assert "averaging_placement" not in configs.search_space(criteo, "nadamw_lawa", "jit")[0]
+  assert configs.search_space(criteo, "nadamw_lawa", "pmap")[0]["averaging_placement"] == (
+      "replicated")
   with pytest.raises(ValueError, match="unknown submission 'adamw'"):
-    wc.search_space(wmt, "adamw", "jit")
+    configs.search_space(wmt, "adamw", "jit")
   with pytest.raises(ValueError, match="needs --data_root"):
-    wc.data_flags(wmt, None)
+    configs.data_flags(wmt, None)
 
 
 # ----------------------------------------------------------------------------
 # --dry_run: the exact command lines.
 
 
-@pytest.mark.parametrize("api", wc.APIS)
+@pytest.mark.parametrize("api", configs.APIS)
 def test_dry_run_prints_the_runners_exact_flags_for_every_workload(tmp_path, api):
-  every = list(wc.PAPER_WORKLOADS) + ["teacher_student"]
+  every = list(PAPER_WORKLOADS) + ["teacher_student"]
   algoperf = "/nonexistent/algoperf"
   result = run_cli("--dry_run", f"--experiment_dir={tmp_path}", f"--api={api}",
                    f"--workloads={','.join(every)}", "--num_studies=2", "--rng_seed=7",
@@ -253,16 +286,16 @@ def test_dry_run_prints_the_runners_exact_flags_for_every_workload(tmp_path, api
                    "--max_global_steps=300", "--python=/venv/bin/python")
   assert result.returncode == 0, result.stderr
   commands = commands_of(result.stdout)
-  assert len(commands) == 2 * len(every) * len(wc.SUBMISSIONS)
+  assert len(commands) == 2 * len(every) * len(catalog.NAMES)
   assert f"{len(commands)} to run, 0 skipped (finished), 0 failed" in result.stdout
   seen = set()
   for cwd, env, argv, flags in commands:
     workload, study = flags["workload"], int(flags["experiment_name"][len("study_"):])
     submission = flags["experiment_dir"].rsplit("/", 1)[1]
     seen.add((submission, workload, study))
-    config = wc.load(workload)
+    config = configs.load(workload)
     space = json.load(open(flags["tuning_search_space"]))
-    assert space == wc.search_space(config, submission, api)
+    assert space == configs.search_space(config, submission, api)
     common = {"framework": "jax", "workload": workload,
               "tuning_search_space": str(tmp_path / ".run_study" / "search_spaces" / api /
                                          submission / f"{workload}_paper.json"),
@@ -284,7 +317,7 @@ def test_dry_run_prints_the_runners_exact_flags_for_every_workload(tmp_path, api
                            save_checkpoints="false")
       assert os.path.isfile(os.path.join(REPO, flags["submission_path"]))
   assert len(seen) == len(commands)
-  assert not any(os.path.isdir(tmp_path / s) for s in wc.SUBMISSIONS)  # nothing ran
+  assert not any(os.path.isdir(tmp_path / s) for s in catalog.NAMES)  # nothing ran
 
 
 def test_dry_run_with_all_five_points_runs_one_trial_each(tmp_path):
@@ -299,27 +332,27 @@ def test_dry_run_with_all_five_points_runs_one_trial_each(tmp_path):
 
 
 def test_every_flag_exists_in_the_runners():
-  runner_text = open(os.path.join(REPO, "weight_averaging", "runner.py")).read()
-  embedded = set(grid._FLAG_DEFINITION.findall(runner_text))
-  checkout = find_algoperf_checkout()
-  api = grid.algoperf_api(checkout) if checkout else "jit"
+  runner_text = open(os.path.join(REPO, "weight_averaging", "runner", "__main__.py")).read()
+  embedded = set(checkout._FLAG_DEFINITION.findall(runner_text))
+  algoperf_dir = find_algoperf_checkout()
+  api = checkout.checkout_api(algoperf_dir) if algoperf_dir else "jit"
   options = grid.GridOptions(experiment_dir="/tmp/x", api=api, data_root=DATA_ROOT,
-                             algoperf_dir=checkout or "/nonexistent", max_global_steps=10,
-                             workloads=wc.PAPER_WORKLOADS + ("teacher_student",))
+                             algoperf_dir=algoperf_dir or "/nonexistent", max_global_steps=10,
+                             workloads=PAPER_WORKLOADS + ("teacher_student",))
   runs = grid.plan(options)
   for run in runs:
     if run.runner == "embedded":
-      assert set(grid.argv_flags(run.argv)) <= embedded
-  if checkout is None:
+      assert set(checkout.argv_flags(run.argv)) <= embedded
+  if algoperf_dir is None:
     pytest.skip("no algoperf checkout (set ALGOPERF_DIR): official flags not checked")
-  official = grid.official_runner_flags(checkout)
+  official = checkout.official_runner_flags(algoperf_dir)
   for run in runs:
     if run.runner == "official":
-      assert set(grid.argv_flags(run.argv)) <= official, run.label
-  grid.check_official_checkout(runs, checkout, api)
+      assert set(checkout.argv_flags(run.argv)) <= official, run.label
+  checkout.check_official_checkout(runs, algoperf_dir, api)
   other = "pmap" if api == "jit" else "jit"
   with pytest.raises(ValueError, match=f"has the {api} API, but --api={other}"):
-    grid.check_official_checkout(runs, checkout, other)
+    checkout.check_official_checkout(runs, algoperf_dir, other)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -364,7 +397,7 @@ def _csv(path, rows):
 
 
 def test_trial_state(tmp_path):
-  target = wc.Target("wer", validation=0.1, test=0.05, minimize=True)
+  target = configs.Target("wer", validation=0.1, test=0.05, minimize=True)
   budget = grid.Budget(steps=None, runtime_sec=1000.0, target=target)
   trial = tmp_path / "trial_1"
   assert grid.trial_state(str(trial), budget) == (False, "not started")
@@ -431,9 +464,9 @@ def test_grid_resumes_and_survives_a_failing_trial(tmp_path, monkeypatch):
   assert "injected failure" in open(failed.log_path).read()
   assert "FAILED nadamw_lawa ogbg" in grid.summary(result)
   # The official layout, with the trial's hyperparameters.
-  trial = grid.trial_dir(options.experiment_dir, "nadamw_lawa", 0, "wmt", 1)
-  assert json.load(open(os.path.join(trial, "hparams.json"))) == wc.search_space(
-      wc.load("wmt"), "nadamw_lawa", "jit")[0]
+  trial = layout.study_trial_dir(options.experiment_dir, "nadamw_lawa", 0, "wmt", 1)
+  assert json.load(open(os.path.join(trial, "hparams.json"))) == configs.search_space(
+      configs.load("wmt"), "nadamw_lawa", "jit")[0]
 
   # Again, without the failure: only the failed trial runs, from a clean directory.
   monkeypatch.delenv("RUN_STUDY_FAKE_FAIL")
@@ -476,18 +509,52 @@ def test_a_checkout_with_the_other_api_is_refused(tmp_path):
   assert "has the jit API, but --api=pmap" in result.stderr
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc (Linux)")
+def test_one_run_study_per_directory_and_sigterm_stops_its_runner_whole(tmp_path):
+  """A second run_study on a running grid is refused, naming the first one's pid; SIGTERM
+  ends the first one and its runner's process group (the runner and what it started)."""
+  hang = tmp_path / "hang"
+  hang.mkdir()
+  args = [f"--experiment_dir={tmp_path / 'exp'}", "--workloads=wmt", "--submissions=nadamw",
+          "--num_studies=1", f"--data_root={DATA_ROOT}", f"--algoperf_dir={FAKE_ALGOPERF}",
+          "--max_global_steps=300"]
+  output = open(tmp_path / "run_study.log", "w")
+  first = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=REPO, stdout=output,
+                           stderr=subprocess.STDOUT, start_new_session=True,
+                           env=dict(os.environ, PYTHONPATH=REPO, RUN_STUDY_FAKE_HANG=str(hang)))
+  pgids = {first.pid}
+  try:
+    process_groups.wait_for_files([hang / "runner.pid", hang / "child.pid"], proc=first)
+    pgids.add(int((hang / "runner.pid").read_text()))
+    second = run_cli(*args)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert (f"is in use by another process (pid {first.pid}, holding "
+            f"{tmp_path / 'exp' / '.run_study' / 'lock'})") in second.stderr
+    start = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    took = time.monotonic() - start
+    assert first.returncode == 128 + signal.SIGTERM
+    assert "run_study: stopped by SIGTERM" in (tmp_path / "run_study.log").read_text()
+    assert process_groups.survivors(pgids) == []
+    assert took < 60, f"run_study took {took:.1f} s to stop"
+  finally:
+    process_groups.kill_groups(pgids)
+    output.close()
+
+
 def test_embedded_grid_end_to_end(tmp_path):
   args = (f"--experiment_dir={tmp_path}", "--workloads=teacher_student",
           "--submissions=nadamw,nadamw_ema", "--num_studies=1", "--max_global_steps=200")
   result = run_cli(*args)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "2 ran, 0 skipped (finished), 0 failed" in result.stdout
-  config = wc.load("teacher_student")
+  config = configs.load("teacher_student")
   for submission in ("nadamw", "nadamw_ema"):
-    trial = grid.trial_dir(str(tmp_path), submission, 0, "teacher_student", 1)
+    trial = layout.study_trial_dir(str(tmp_path), submission, 0, "teacher_student", 1)
     for name in ("hparams.json", "eval_measurements.csv", "flags_0.json", "meta_data_0.json"):
       assert os.path.isfile(os.path.join(trial, name)), name
-    assert json.load(open(os.path.join(trial, "hparams.json"))) == wc.search_space(
+    assert json.load(open(os.path.join(trial, "hparams.json"))) == configs.search_space(
         config, submission, "jit")[0]
     with open(os.path.join(trial, "eval_measurements.csv")) as f:
       rows = list(csv.DictReader(f))
@@ -520,15 +587,15 @@ def test_embedded_study_scores_and_plots_what_its_logs_say(tmp_path):
   spec = scoring.workload_spec("teacher_student")._replace(target=target)
   scores = scoring.score_experiment(str(tmp_path), targets={"teacher_student": spec},
                                     use_algoperf="no")
-  scoring.write_scores(scores, str(tmp_path / "scores.json"))
-  scores = scoring.load_scores(str(tmp_path / "scores.json"))
+  scores_file.write(scores, str(tmp_path / "scores.json"))
+  scores = scores_file.load(str(tmp_path / "scores.json"))
   steps = {}
   for submission in submissions:
-    trial = grid.trial_dir(str(tmp_path), submission, 0, "teacher_student", 1)
+    trial = layout.study_trial_dir(str(tmp_path), submission, 0, "teacher_student", 1)
     with open(os.path.join(trial, "eval_measurements.csv")) as f:
       rows = list(csv.DictReader(f))
     losses = [float(r["validation/loss"]) for r in rows]
-    hit = next(r for r in rows if float(r["validation/loss"]) <= target)
+    hit = next(r for r in rows if float(r["validation/loss"]) < target)  # the workload's rule
     row = scores["results"]["teacher_student"][submission]
     assert row["median_steps_to_target"] == int(hit["global_step"])
     assert row["median_time_to_target"] == pytest.approx(

@@ -4,6 +4,9 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -14,6 +17,13 @@ from weight_averaging import runner, workloads
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SUBMISSION = os.path.join(FIXTURES, "sgd_submission.py")
 SPACE = os.path.join(FIXTURES, "sgd_search_space.json")
+# The flags of `python -m weight_averaging.runner` (the official runner's names and ours).
+RUNNER_FLAGS = ("workload", "framework", "submission_path", "tuning_search_space",
+                "num_tuning_trials", "experiment_dir", "experiment_name", "rng_seed",
+                "max_global_steps", "overwrite", "resume_last_run", "api", "eval_every_steps",
+                "save_checkpoints", "stop_at_target", "num_devices", "progress",
+                "num_processes", "process_id", "coordinator_address",
+                "initialization_timeout")
 OFFICIAL_COLUMNS = ["accumulated_eval_time", "accumulated_logging_time",
                     "accumulated_submission_time", "global_step", "preemption_count",
                     "score", "total_duration"]
@@ -80,6 +90,57 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     assert [int(r["global_step"]) for r in csv.DictReader(f)] == [20, 40, 60, 80, 100]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_60(tmp_path_factory):
+  """The fixture submission, 60 steps in one go: the reference of the resume tests."""
+  return run(tmp_path_factory.mktemp("whole"), fixture_submission(), steps=60,
+             stop_at_target=False)
+
+
+def _truncate(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _largest_array_file(checkpoint):
+  files = [p for p in checkpoint.rglob("*") if p.is_file() and p.parent.name == "d"]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damaged", ["runner_state", "_METADATA", "array data"])
+def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_is_resumed(
+    tmp_path, caplog, uninterrupted_60, damaged):
+  run(tmp_path, fixture_submission(), name="trial", steps=40, stop_at_target=False)
+  trial = tmp_path / "trial"
+  # The latest checkpoint and the one before it are kept.
+  assert sorted(p.name for p in trial.iterdir()
+                if p.name.startswith(("checkpoint_", "runner_state_"))) == [
+                    "checkpoint_20", "checkpoint_40", "runner_state_20.json",
+                    "runner_state_40.json"]
+  path = {"runner_state": trial / "runner_state_40.json",
+          "_METADATA": trial / "checkpoint_40" / "_METADATA",
+          "array data": _largest_array_file(trial / "checkpoint_40")}[damaged]
+  _truncate(path)
+  with caplog.at_level("WARNING"):
+    resumed = run(tmp_path, fixture_submission(), name="trial", steps=60,
+                  stop_at_target=False, resume=True)
+  warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  named = str(path) if damaged != "array data" else str(trial / "checkpoint_40")
+  assert len(warnings) == 1 and named in warnings[0], warnings
+  assert "resuming from the checkpoint before it" in warnings[0]
+  # Resumed at step 20: step 40 was trained again, to the uninterrupted run's result.
+  assert [r["preemption_count"] for r in resumed.eval_results] == [0, 1, 1]
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.params),
+                  jax.tree_util.tree_leaves(uninterrupted_60.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The damaged checkpoint was replaced; the two latest are kept.
+  assert sorted(p.name for p in trial.glob("runner_state_*.json")) == [
+      "runner_state_40.json", "runner_state_60.json"]
+  state = json.loads((trial / "runner_state_60.json").read_text())
+  assert state["saved_by"] == {"num_devices": jax.device_count(),
+                               "num_processes": jax.process_count()}
+
+
 def test_experiment_layout_and_csv_columns(tmp_path):
   [result] = runner.run_experiment(
       workload_name="teacher_student", submission_path=SUBMISSION,
@@ -90,6 +151,9 @@ def test_experiment_layout_and_csv_columns(tmp_path):
   for name in ("hparams.json", "meta_data_0.json", "flags_0.json", "eval_measurements.csv"):
     assert (trial / name).is_file(), name
   assert json.loads((trial / "hparams.json").read_text()) == {"learning_rate": 0.05}
+  # Called from Python, with no flags: the step cap is recorded all the same (scoring reads
+  # it to tell a finished trial from a killed one).
+  assert json.loads((trial / "flags_0.json").read_text())["max_global_steps"] == 40
   with open(trial / "eval_measurements.csv") as f:
     header = next(csv.reader(f))
   assert header[:len(OFFICIAL_COLUMNS)] == OFFICIAL_COLUMNS
@@ -175,3 +239,22 @@ def test_runner_command_line(tmp_path):
   assert "trial_1: 40 steps" in done.stdout
   again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
   assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_importing_the_runner_defines_no_flag():
+  """Only the command line (`weight_averaging.runner.__main__`) defines absl flags."""
+  code = textwrap.dedent(f"""
+      from absl import flags
+      import weight_averaging.runner
+      from weight_averaging.runner import checkpoints, distributed, experiment, launch
+      from weight_averaging.runner import search_space, submissions, trial
+      names = {RUNNER_FLAGS!r}
+      defined = [n for n in names if n in flags.FLAGS]
+      assert not defined, f"importing the runner defined {{defined}}"
+      import weight_averaging.runner.__main__
+      missing = [n for n in names if n not in flags.FLAGS]
+      assert not missing, f"the command line lacks {{missing}}"
+      """)
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]

@@ -13,21 +13,24 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from weight_averaging.studies import scoring
+from weight_averaging.algoperf_api import catalog
+from weight_averaging.studies import algoperf_scoring, scores_file, scoring, workload_facts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (100, 200, 300, 400, 500, 600)
 CRITEO, OGBG = 0.123735, 0.28098
-NEVER_C = [0.15, 0.14, 0.13, 0.128, 0.126, 0.125]   # criteo, never <= 0.123735
-NEVER_O = [0.10, 0.12, 0.14, 0.16, 0.18, 0.20]      # ogbg, never >= 0.28098
+NEVER_C = [0.15, 0.14, 0.13, 0.128, 0.126, 0.125]   # criteo, never < 0.123735
+NEVER_O = [0.10, 0.12, 0.14, 0.16, 0.18, 0.20]      # ogbg, never > 0.28098
 
 # FIXTURE[submission][study][workload] = [(trial, time offset, validation metric per eval)]
 FIXTURE = {
     "nadamw": {
         "study_0": {
-            # trial_1 meets the target exactly (inclusive) at step 300, t=30; trial_2 at 400, t=40.
+            # trial_1 equals the target at step 300, which is no hit (the workloads compare
+            # strictly), and hits at 400, t=40; trial_2 at 400, t=40 too -> trial_1.
             "criteo1tb": [("trial_1", 0, [0.15, 0.14, 0.123735, 0.1232, 0.1231, 0.1230]),
                           ("trial_2", 0, [0.15, 0.14, 0.13, 0.1236, 0.1235, 0.1234])],
             # trial_1 hits at 600 (t=60), trial_2 never.
@@ -101,9 +104,9 @@ def _scores(tmp_path):
 
 def test_steps_and_time_to_target_per_study_and_median(scores):
   c = scores["results"]["criteo1tb"]
-  # nadamw: studies (300, t30), (500, t50), (400, t41): medians 400 steps, 41 s.
-  assert c["nadamw"]["steps_to_target_per_study"] == [300, 500, 400]
-  assert c["nadamw"]["time_to_target_per_study"] == [30.0, 50.0, 41.0]
+  # nadamw: studies (400, t40), (500, t50), (400, t41): medians 400 steps, 41 s.
+  assert c["nadamw"]["steps_to_target_per_study"] == [400, 500, 400]
+  assert c["nadamw"]["time_to_target_per_study"] == [40.0, 50.0, 41.0]
   assert c["nadamw"]["median_steps_to_target"] == 400
   assert c["nadamw"]["median_time_to_target"] == 41.0
   assert [s["fastest_trial"] for s in c["nadamw"]["studies"].values()] == [
@@ -122,6 +125,51 @@ def test_steps_and_time_to_target_per_study_and_median(scores):
   # nadamw_lawa: (400, t40), (500, t52), (500, t49) -> medians 500 steps, 49 s.
   assert o["nadamw_lawa"]["median_steps_to_target"] == 500
   assert o["nadamw_lawa"]["median_time_to_target"] == 49.0
+
+
+def test_an_eval_exactly_at_the_target_is_no_hit():
+  """The workload's own rule: metric < target (> when maximizing); <= only where a workload
+  compares inclusively (strict=False)."""
+  c, o = 0.123735, 0.28098
+  assert scoring.hit_index(np.array([0.2, c, 0.1]), c, minimize=True) == 2
+  assert scoring.hit_index(np.array([0.1, o, 0.3]), o, minimize=False) == 2
+  assert scoring.hit_index(np.array([0.2, c]), c, minimize=True) is None
+  assert scoring.hit_index(np.array([0.2, c, 0.1]), c, minimize=True, strict=False) == 1
+  assert scoring.hit_index(np.array([0.1, o, 0.3]), o, minimize=False, strict=False) == 1
+  assert scoring.hit_index(np.array([np.nan, 0.1]), c, minimize=True) == 1
+
+
+def test_exact_tie_in_a_study(scores):
+  study = scores["results"]["criteo1tb"]["nadamw"]["studies"]["study_0"]
+  # trial_1 is at the target at step 300 and under it from 400.
+  assert study["trials"]["trial_1"]["steps_to_target"] == 400
+  assert (study["fastest_trial"], study["steps_to_target"], study["time_to_target"]) == (
+      "trial_1", 400, 40.0)
+  assert scores["workloads"]["criteo1tb"]["strict"] is True
+
+
+def test_targets_are_the_workloads_own():
+  """Scoring's specs are the facts of workload_facts, and an embedded workload's rule is read
+  off its own check."""
+  from weight_averaging import workloads
+  for name, facts in workload_facts.ALGOPERF_WORKLOADS.items():
+    spec = scoring.workload_spec(name)
+    assert (spec.metric, spec.target, spec.minimize, spec.max_allowed_runtime_sec,
+            spec.step_hint, spec.strict) == (
+                f"validation/{facts.metric}", facts.validation_target, facts.minimize,
+                facts.max_allowed_runtime_sec, facts.step_hint, facts.strict), name
+  assert len(workload_facts.ALGOPERF_WORKLOADS) == 9
+  assert set(workload_facts.BASE_WORKLOADS) == set(workload_facts.ALGOPERF_WORKLOADS) - {
+      "finewebedu_lm"}
+  assert set(workload_facts.PAPER_WORKLOADS) == set(workload_facts.BASE_WORKLOADS) - {
+      "imagenet_resnet"}
+  assert not workload_facts.ALGOPERF_WORKLOADS["finewebedu_lm"].strict   # its check is <=
+  workload = workloads.get_workload("teacher_student")
+  spec = scoring.workload_spec("teacher_student")
+  at_target = {spec.metric: spec.target}
+  assert spec.strict and not workload.has_reached_validation_target(at_target)
+  assert scoring.hit_index(np.array([spec.target]), spec.target, spec.minimize,
+                           spec.strict) is None
 
 
 def test_trial_ties_and_per_trial_values(scores):
@@ -148,6 +196,9 @@ def test_fraction_of_baseline(scores):
 
 
 def test_baselines_for_family():
+  assert [catalog.base_of(s) for s in catalog.NAMES] == ["nadamw"] * 3 + ["shampoo"] * 3
+  with pytest.raises(ValueError, match="unknown submission 'sgd'"):
+    catalog.base_of("sgd")
   subs = ["nadamw", "nadamw_ema", "shampoo", "shampoo_ema", "shampoo_lawa"]
   assert scoring.baselines_for("shampoo_ema", subs, "nadamw") == ["nadamw", "shampoo"]
   assert scoring.baselines_for("nadamw_ema", subs, "nadamw") == ["nadamw"]
@@ -207,7 +258,7 @@ def test_performance_profile_over_present_workloads(scores):
 def full_suite(root):
   """All 8 base workloads, one study and trial each. 'a' hits everything at step 100 (t=100 s);
   'b' hits the first 4 (sorted) at step 100 with t=250 s and misses the last 4."""
-  for k, w in enumerate(scoring.BASE_WORKLOADS):
+  for k, w in enumerate(workload_facts.BASE_WORKLOADS):
     spec = scoring.workload_spec(w)
     hit = spec.target * (0.99 if spec.minimize else 1.01)
     miss = spec.target * (2.0 if spec.minimize else 0.5)
@@ -232,9 +283,9 @@ def test_full_suite_score_and_gpu_hours(tmp_path):
 
 def test_json_roundtrip_and_csv(scores, tmp_path):
   path = str(tmp_path / "scores.json")
-  scoring.write_scores(scores, path)
-  assert scoring.load_scores(path) == json.loads(json.dumps(scores))
-  scoring.write_csv(scores, str(tmp_path / "scores.csv"))
+  scores_file.write(scores, path)
+  assert scores_file.load(path) == json.loads(json.dumps(scores))
+  scores_file.write_csv(scores, str(tmp_path / "scores.csv"))
   with open(tmp_path / "scores.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(r["workload"], r["submission"]) for r in rows] == [
@@ -246,7 +297,7 @@ def test_json_roundtrip_and_csv(scores, tmp_path):
   with open(tmp_path / "other.json", "w") as f:
     json.dump({"x": 1}, f)
   with pytest.raises(ValueError, match="not a scores file"):
-    scoring.load_scores(str(tmp_path / "other.json"))
+    scores_file.load(str(tmp_path / "other.json"))
 
 
 def test_embedded_workload_target_from_the_workload(tmp_path):
@@ -261,6 +312,90 @@ def test_embedded_workload_target_from_the_workload(tmp_path):
   assert result["results"]["teacher_student"]["nadamw"]["median_steps_to_target"] == 300
 
 
+# ----------------------------------------------------------------------------- what is scored
+
+
+def test_rows_out_of_order_are_read_in_step_order(tmp_path):
+  # The same evals as a trial hitting at 400 (t=40), its rows shuffled: 600 comes first.
+  values = dict(zip(STEPS, [0.15, 0.14, 0.13, 0.1236, 0.1231, 0.1230]))
+  shuffled = (600, 100, 300, 200, 500, 400)
+  write_trial(tmp_path, "nadamw", "study_0", "criteo1tb", "trial_1", 0,
+              [values[s] for s in shuffled], steps=shuffled)
+  result = scoring.score_experiment(str(tmp_path), use_algoperf="no")
+  r = result["results"]["criteo1tb"]["nadamw"]
+  assert (r["median_steps_to_target"], r["median_time_to_target"]) == (400, 40.0)
+  curve = r["studies"]["study_0"]["curve"]
+  assert curve["global_step"] == list(STEPS)
+  assert curve["metric"] == [values[s] for s in STEPS]
+
+
+def write_flags(root, submission, study, workload, trial, flags):
+  d = os.path.join(root, submission, study, f"{workload}_jax", trial)
+  with open(os.path.join(d, "flags_0.json"), "w") as f:
+    f.write(flags if isinstance(flags, str) else json.dumps(flags))
+
+
+HIT_400 = [0.15, 0.14, 0.13, 0.1236, 0.1231, 0.1230]   # criteo1tb, hits at 400 (t=40)
+
+
+def test_unfinished_trials_are_left_out_and_listed(tmp_path):
+  """study_1's only trial was killed at step 300 of a 600-step budget: scored, it would be a
+  miss, and the median of (400, miss) a miss; left out, the median is study_0's 400."""
+  write_trial(tmp_path, "nadamw", "study_0", "criteo1tb", "trial_1", 0, HIT_400)
+  write_flags(tmp_path, "nadamw", "study_0", "criteo1tb", "trial_1", {"max_global_steps": 600})
+  write_trial(tmp_path, "nadamw", "study_1", "criteo1tb", "trial_1", 0, HIT_400[:3],
+              steps=STEPS[:3])
+  write_flags(tmp_path, "nadamw", "study_1", "criteo1tb", "trial_1", {"max_global_steps": 600})
+  scores = scoring.score_experiment(str(tmp_path), use_algoperf="no")
+  r = scores["results"]["criteo1tb"]["nadamw"]
+  assert list(r["studies"]) == ["study_0"] and r["median_steps_to_target"] == 400
+  [u] = scores["unfinished_trials"]
+  assert u["trial"].endswith(os.path.join("nadamw", "study_1", "criteo1tb_jax", "trial_1"))
+  assert "stopped at step 300" in u["reason"]
+  assert scores["skipped_trials"] == []
+
+
+@pytest.mark.parametrize("flags, steps, workload, kept", [
+    ({"max_global_steps": 600}, STEPS, "criteo1tb", True),        # at its step budget
+    ({"max_global_steps": 600}, STEPS[:3], "criteo1tb", False),   # killed at 300
+    ({"max_global_steps": None}, STEPS[:3], "criteo1tb", False),  # official: no step cap
+    ({}, STEPS[:3], "criteo1tb", True),     # flags without a budget: not judged, kept
+    (None, STEPS[:3], "criteo1tb", True),   # a bare eval CSV: not judged, kept
+    # the embedded runner's default budget is the step hint (2000 for teacher_student)
+    ({"max_global_steps": None}, STEPS, "teacher_student", False),
+])
+def test_finished_is_the_study_grids_rule_under_the_trials_budget(tmp_path, flags, steps,
+                                                                   workload, kept):
+  values = [9.0] * len(steps)   # never at either target, so only the budget ends the run
+  write_trial(tmp_path, "nadamw", "study_0", workload, "trial_1", 0, values, steps=steps)
+  write_trial(tmp_path, "nadamw", "study_1", workload, "trial_1", 0, values)   # bare, kept
+  if flags is not None:
+    write_flags(tmp_path, "nadamw", "study_0", workload, "trial_1", flags)
+  scores = scoring.score_experiment(str(tmp_path), use_algoperf="no")
+  studies = list(scores["results"][workload]["nadamw"]["studies"])
+  assert studies == (["study_0", "study_1"] if kept else ["study_1"])
+  assert len(scores["unfinished_trials"]) == (0 if kept else 1)
+
+
+def test_a_trial_that_reached_both_targets_is_finished_before_its_budget(tmp_path):
+  # criteo1tb's targets: validation 0.123735, test 0.126041. At 400 both are met (the test
+  # column logs the same values), and the runner stops there, short of its 600 steps.
+  write_trial(tmp_path, "nadamw", "study_0", "criteo1tb", "trial_1", 0, HIT_400[:4],
+              steps=STEPS[:4])
+  path = os.path.join(tmp_path, "nadamw", "study_0", "criteo1tb_jax", "trial_1",
+                      "eval_measurements.csv")
+  with open(path, newline="") as f:
+    rows = [dict(r, **{"test/loss": r["validation/loss"]}) for r in csv.DictReader(f)]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  write_flags(tmp_path, "nadamw", "study_0", "criteo1tb", "trial_1", {"max_global_steps": 600})
+  scores = scoring.score_experiment(str(tmp_path), use_algoperf="no")
+  assert scores["unfinished_trials"] == []
+  assert scores["results"]["criteo1tb"]["nadamw"]["median_steps_to_target"] == 400
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -271,7 +406,7 @@ def test_missing_dir(tmp_path):
 
 def test_no_trials(tmp_path):
   os.makedirs(tmp_path / "nadamw" / "study_0" / "ogbg_jax")
-  with pytest.raises(ValueError, match="no trials found"):
+  with pytest.raises(ValueError, match="no readable trials"):
     scoring.score_experiment(str(tmp_path), use_algoperf="no")
 
 
@@ -297,11 +432,11 @@ def test_unknown_workload_needs_a_target(tmp_path):
   assert scores["gpu_hours"]["nadamw"]["per_workload"]["mystery"] == {
       "seconds": 20.0, "source": "longest_run"}
   with pytest.raises(ValueError, match="unknown direction"):
-    scoring.metric_minimized("validation/perplexity")
+    workload_facts.metric_minimized("validation/perplexity")
 
 
 def test_use_algoperf_yes_without_algoperf(tmp_path):
-  if scoring.algoperf_scoring() is not None:
+  if algoperf_scoring.load() is not None:
     pytest.skip("algoperf is installed here")
   with pytest.raises(ValueError, match="does not import"):
     scoring.score_experiment(write_fixture(tmp_path), use_algoperf="yes")
@@ -355,6 +490,23 @@ def test_algoperf_selects_by_eval_index(tmp_path):
        "ours": 21.0, "algoperf": 25.0}]
 
 
+def test_algoperf_counts_an_exact_tie(tmp_path):
+  """An eval exactly at the target: no hit for the workload's rule (scoring), a hit for
+  AlgoPerf's inclusive scoring code. The difference is reported."""
+  pytest.importorskip("pandas")
+  pytest.importorskip("scoring.performance_profile")
+  write_trial(tmp_path, "nadamw", "study_0", "criteo1tb", "trial_1", 0, [0.13, CRITEO, 0.12])
+  ours = scoring.score_experiment(str(tmp_path), use_algoperf="no")
+  theirs = scoring.score_experiment(str(tmp_path), use_algoperf="yes")
+  assert ours["results"]["criteo1tb"]["nadamw"]["median_steps_to_target"] == 300
+  assert theirs["results"]["criteo1tb"]["nadamw"]["median_steps_to_target"] == 200
+  assert theirs["algoperf_disagreements"] == [
+      {"workload": "criteo1tb", "submission": "nadamw", "quantity": "median_time_to_target",
+       "ours": 30.0, "algoperf": 20.0},
+      {"workload": "criteo1tb", "submission": "nadamw", "quantity": "median_steps_to_target",
+       "ours": 300.0, "algoperf": 200.0}]
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -370,15 +522,15 @@ def test_cli_end_to_end(tmp_path):
                  f"--output_csv={out_csv}", "--use_algoperf=no")
   assert proc.returncode == 0, proc.stderr
   text = proc.stdout
-  for expected in ("criteo1tb: steps and submission time to validation/loss <= 0.123735",
-                   "ogbg: steps and submission time to validation/mean_average_precision >= ",
+  for expected in ("criteo1tb: steps and submission time to validation/loss < 0.123735",
+                   "ogbg: steps and submission time to validation/mean_average_precision > ",
                    "GPU-hours of one run of the suite", "Best validation metric",
                    "Performance-profile score on time to target", "INCOMPLETE suite"):
     assert expected in text, expected
   lawa_row = next(line for line in text.splitlines() if line.startswith("nadamw_lawa")
                   and "300" in line)
   assert "2/3" in lawa_row and "0.750" in lawa_row and "200, 300, inf" in lawa_row
-  scores = scoring.load_scores(out_json)
+  scores = scores_file.load(out_json)
   assert scores["results"]["criteo1tb"]["nadamw"]["median_steps_to_target"] == 400
   with open(out_csv) as f:
     assert len(list(csv.DictReader(f))) == 4

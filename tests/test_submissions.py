@@ -203,8 +203,10 @@ def build(api, algorithm, devices):
 
 
 def run(api, algorithm, num_devices, hp=None, checkpoint_after=None,
-        double_prepare=True):
+        double_prepare=True, self_tuning=False):
   """The runner loop; returns the live trajectory, the evals and the final state.
+
+  self_tuning: the runner hands ``hyperparameters=None`` (`hp` is ignored).
 
   checkpoint_after: after the eval at this step the run is saved, everything is
   dropped, and it resumes from the checkpoint with a freshly initialised submission
@@ -212,7 +214,7 @@ def run(api, algorithm, num_devices, hp=None, checkpoint_after=None,
   """
   devices = jax.devices()[:num_devices]
   sub = build(api, algorithm, devices)
-  hp = hp or hparams(algorithm)
+  hp = None if self_tuning else (hp or hparams(algorithm))
   workload = TinyWorkload(api, devices)
   params, model_state = workload.init_model_fn(0)
   opt_state = sub.init_optimizer_state(workload, params, model_state, hp,
@@ -473,6 +475,8 @@ def test_module_level_api():
         assert callable(getattr(module, name)), (api, algorithm, name)
       assert "train_state" in inspect.signature(module.update_params).parameters
       assert module.get_batch_size("ogbg") == 512
+      assert module.get_batch_size("finewebedu_lm") == 64
+      assert module.get_batch_size("cifar") == 16384
       with pytest.raises(ValueError):
         module.get_batch_size("ogbg_gelu")  # the runner then retries "ogbg"
 
@@ -506,17 +510,37 @@ def test_bad_hyperparameters_name_themselves(name, value):
 
 def test_good_hyperparameter_forms():
   hp = algoperf_api.hyperparameters
-  assert hp.check_int("averaging_every", 64.0, 1) == 64  # Halton hands out floats
-  assert hp.check_int("averaging_every", np.int64(3), 1) == 3
-  assert hp.check_float("ema_beta", 0.2, 0.0, 1.0, high_open=True) == 0.2  # not int()
+  # Halton hands out floats: an integral one is read as the integer.
+  assert hp.averaging_config({"averaging_every": 64.0}).every == 64
+  assert type(hp.averaging_config({"averaging_every": 64.0}).every) is int
+  assert hp.averaging_config({"averaging_every": np.int64(3)}).every == 3
+  assert hp.lawa_config({"lawa_k": 20.0}) == (20,)
+  assert hp.ema_config({"ema_beta": 0.2}).beta == 0.2  # not int()
   cfg = hp.averaging_config({})
-  assert cfg == (algoperf_api.DEFAULT_AVERAGING_EVERY, 0, "replicated")
+  assert cfg == (algoperf_api.DEFAULT_AVERAGING_EVERY, 0, "auto")
   assert (algoperf_api.DEFAULT_AVERAGING_EVERY, algoperf_api.DEFAULT_LAWA_K,
           algoperf_api.DEFAULT_EMA_BETA) == (64, 20, 0.9)
   # Self-tuning: no hyperparameters, the reference's self-tuning point.
   assert hp.nadamw_config(None).learning_rate == pytest.approx(0.0017486387539278373)
   with pytest.raises(ValueError, match="api"):
     algoperf_api.build_submission(algoperf_api.nadamw_from_hyperparameters, api="tpu")
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_integral_floats_run_as_their_integers(api):
+  """A linear search-space range hands out ``2.0``: the run is the one with ``2``."""
+  floats = hparams("nadamw_lawa", averaging_every=2.0, averaging_start_step=1.0,
+                   lawa_k=3.0)
+  got, want = run(api, "nadamw_lawa", 1, hp=floats), cached_run(api, "nadamw_lawa", 1)
+  assert [s for s, _ in got["evals"]] == [s for s, _ in want["evals"]] == list(EVAL_AT)
+  for (_, params), (_, want_params) in zip(got["evals"], want["evals"]):
+    for a, b in zip(leaves(params), leaves(want_params)):
+      np.testing.assert_array_equal(a, b)
+  # The state too: a ring of 3 slots, sampled at the same steps.
+  assert jax.tree_util.tree_structure(got["state"]) == jax.tree_util.tree_structure(
+      want["state"])
+  for a, b in zip(leaves(got["state"]), leaves(want["state"])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_jit_host_placement_keeps_state_in_host_memory():
@@ -535,14 +559,17 @@ def test_jit_host_placement_keeps_state_in_host_memory():
     opt_state, params, model_state = sub.prepare_for_eval(
         workload, params, None, model_state, hp, None, opt_state, [], step, None)
   # Where the backend has pinned host memory (the CPU backend since jax 0.7.1) the
-  # ring and sums live there; elsewhere 'host' falls back to device memory.
+  # ring lives there and the running sum in device memory; elsewhere 'host' falls
+  # back to device memory.
   want = ("pinned_host" if "pinned_host" in placement_lib.backend_memory_kinds()
           else None)
-  buffers = [x for x in jax.tree_util.tree_leaves(opt_state[0].averager) if x.ndim]
+  buffers = jax.tree_util.tree_leaves(opt_state[0].averager.ring)
   assert buffers
   for leaf in buffers:
     kind = leaf.sharding.memory_kind
     assert kind == want or (want is None and kind != "pinned_host"), kind
+  for leaf in jax.tree_util.tree_leaves(opt_state[0].averager.survivor_sum):
+    assert leaf.sharding.memory_kind != "pinned_host"
   for leaf in jax.tree_util.tree_leaves(params):  # what the runner evaluates
     assert leaf.sharding.memory_kind != "pinned_host"
 
@@ -710,7 +737,7 @@ def test_shampoo_search_spaces_hold_both_recipes():
   # Point 4: inverse root override 2, momentum 0.5; point 2: schedule over 0.6 T.
   assert meta[3].transform["exponent_override"] == 2
   assert meta[3].transform["momentum"] == 0.5
-  assert meta[1].step_hint_factor == 0.6
+  assert meta[1].schedule.step_hint_factor == 0.6
   assert [c.transform["graft_type"] for c in meta] == ["adam", "adam", "sgd", "adam",
                                                        "adam"]
   google = [hp.shampoo_config(p) for p in _search_space("shampoo_google.json")]
@@ -726,6 +753,7 @@ def test_shampoo_search_spaces_hold_both_recipes():
 
 def test_every_search_space_file_validates():
   hp = algoperf_api.hyperparameters
+  recipes = algoperf_api.recipes
   placement = algoperf_api.resolve_placement("replicated", "jit")
   paths = sorted(glob.glob(os.path.join(REPO, "tuning_search_spaces", "**", "*.json"),
                            recursive=True))
@@ -733,14 +761,19 @@ def test_every_search_space_file_validates():
   for path in paths:
     name = os.path.basename(path)[:-len(".json")]
     for point in runner.load_search_space(path, num_trials=5):
-      optimizer = {"nadamw": hp.nadamw_from_hyperparameters,
-                   "shampoo": hp.shampoo_from_hyperparameters}[base_optimizer(name)]
+      optimizer = {"nadamw": recipes.nadamw_from_hyperparameters,
+                   "shampoo": recipes.shampoo_from_hyperparameters}[base_optimizer(name)]
       assert optimizer(point, 1000) is not None
+      algoperf_api.names.check_known(point)
       if name.endswith("_ema"):
-        assert hp.ema_from_hyperparameters(point, placement).placement is not None
+        averager = recipes.ema_from_hyperparameters(
+            point, hp.averaging_config(point, step_hint=1000), placement)
+        assert averager.placement is not None
         assert "ema_beta" in point, path
       elif name.endswith("_lawa"):
-        assert hp.lawa_from_hyperparameters(point, placement).placement is not None
+        averager = recipes.lawa_from_hyperparameters(
+            point, hp.averaging_config(point, step_hint=1000), placement)
+        assert averager.placement is not None
         assert "lawa_k" in point, path
 
 
@@ -768,3 +801,150 @@ def test_google_recipe_refuses_meta_only_hyperparameters():
   del values["momentum"]
   assert algoperf_api.shampoo_config(values).transform["momentum"] == pytest.approx(
       1 - BASE["one_minus_beta1"])
+
+
+# ----------------------------------------------------------------------------
+# Averaging windows as fractions of the step hint.
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_fractions_run_as_their_steps(api):
+  """On a step hint of 20, every fraction 0.1 is nu = round(2.0) = 2 and start fraction
+  0.05 is ceil(1.0) = 1: the run is the one with averaging_every=2, start step 1."""
+  fractions = hparams("nadamw_lawa", averaging_every=None, averaging_start_step=None,
+                      averaging_every_fraction=0.1, averaging_start_fraction=0.05)
+  got, want = run(api, "nadamw_lawa", 1, hp=fractions), cached_run(api, "nadamw_lawa", 1)
+  for (s1, params), (s2, want_params) in zip(got["evals"], want["evals"]):
+    assert s1 == s2
+    for a, b in zip(leaves(params), leaves(want_params)):
+      np.testing.assert_array_equal(a, b)
+  for a, b in zip(leaves(got["state"]), leaves(want["state"])):
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# Self-tuning: hyperparameters=None is one fixed, documented point.
+
+
+def self_tuning_point(algorithm):
+  """The documented point: the optimizer's, plus the averaging window and the averager's."""
+  api_ = algoperf_api
+  point = dict(api_.SELF_TUNING_NADAMW if base_optimizer(algorithm) == "nadamw"
+               else api_.SELF_TUNING_SHAMPOO)
+  if algorithm in AVERAGED:
+    point.update(api_.SELF_TUNING_AVERAGING)
+    point.update(api_.SELF_TUNING_EMA if algorithm.endswith("_ema")
+                 else api_.SELF_TUNING_LAWA)
+  return collections.namedtuple("Hyperparameters", sorted(point))(**point)
+
+
+@pytest.mark.parametrize("algorithm", ALL_ALGORITHMS)
+def test_self_tuning_runs_the_documented_point(algorithm):
+  got = run("jit", algorithm, 1, self_tuning=True)
+  want = run("jit", algorithm, 1, hp=self_tuning_point(algorithm))
+  for (s1, a), (s2, b) in zip(got["evals"], want["evals"]):
+    assert s1 == s2
+    for x, y in zip(leaves(a), leaves(b)):
+      np.testing.assert_array_equal(x, y)
+  # Averaging is on (nu = max(1, round(0.0005 * 20)) = 1): the eval params differ
+  # from the live ones after the second step.
+  step, params = got["evals"][-1]
+  differs = any(not np.array_equal(x, y)
+                for x, y in zip(leaves(params), leaves(got["live"][step])))
+  assert differs == (algorithm in AVERAGED)
+  # NadamW's and Shampoo's dropout 0.1 reached the model.
+  assert set(got["workload"].dropout_rates) == {0.1}
+
+
+def test_self_tuning_points_are_the_shipped_ones():
+  """Shampoo's self-tuning point is Meta's point 1 of shampoo.json, NadamW's the
+  baseline's point 5, and every shipped averaged search space uses the self-tuning
+  window (its fractions, k and beta) in every point."""
+  assert _search_space("shampoo.json")[0] == algoperf_api.SELF_TUNING_SHAMPOO
+  nadamw_5 = _search_space("nadamw.json")[4]
+  assert nadamw_5 == algoperf_api.SELF_TUNING_NADAMW
+  for name in ("nadamw_ema", "nadamw_lawa", "shampoo_ema", "shampoo_lawa",
+               "shampoo_google_ema", "shampoo_google_lawa"):
+    window = dict(algoperf_api.SELF_TUNING_AVERAGING)
+    window.update(algoperf_api.SELF_TUNING_EMA if name.endswith("_ema")
+                  else algoperf_api.SELF_TUNING_LAWA)
+    for point in _search_space(name + ".json"):
+      assert {k: point[k] for k in window} == window, name
+      assert "averaging_every" not in point and "averaging_start_step" not in point
+
+
+# ----------------------------------------------------------------------------
+# Mixed-dtype params through the builder: float32 params with a bfloat16 scalar (as
+# the LM's attention scales), plus an int32 counter and a bool mask.
+
+
+class MixedWorkload(TinyWorkload):
+  """The tiny MLP with a bfloat16 scale, an int32 counter and a bool mask in its params."""
+
+  def init_model_fn(self, seed):
+    params, model_state = super().init_model_fn(seed)
+    extra = {"scale": np.asarray(1.0, jnp.bfloat16), "count": np.asarray([0, 7], np.int32),
+             "mask": np.asarray([True] * 6 + [False])}
+    return dict(params, **place(self.api, self.devices, extra)), model_state
+
+  def model_fn(self, params, batch, model_state, mode, rng, update_batch_norm,
+               dropout_rate):
+    del mode, rng, dropout_rate
+    new_state = {"calls": model_state["calls"] + 1} if update_batch_norm else model_state
+    gate = params["mask"].astype(jnp.float32) * params["scale"].astype(jnp.float32)
+    h = jnp.tanh(batch["inputs"] @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+    offset = 0.0 * jnp.sum(params["count"]).astype(jnp.float32)
+    return (h * gate) @ params["out"]["kernel"] + params["out"]["bias"] + offset, new_state
+
+
+def mixed_reference(algorithm, live, upto):
+  """`brute_force_average` on the floating leaves, each cast to its dtype; the rest live."""
+  floating = {k: v for k, v in live[upto].items() if k not in ("count", "mask")}
+  want = brute_force_average(algorithm, [{k: p[k] for k in floating} for p in live], upto)
+  tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(floating), want)
+  tree = jax.tree_util.tree_map(lambda w, x: np.asarray(w).astype(x.dtype), tree, floating)
+  return dict(tree, count=live[upto]["count"], mask=live[upto]["mask"])
+
+
+@pytest.mark.parametrize("api,algorithm", [("jit", "nadamw_ema"), ("jit", "nadamw_lawa"),
+                                           ("jit", "shampoo_lawa"), ("pmap", "nadamw_lawa")])
+def test_mixed_dtype_params_through_the_builder(api, algorithm):
+  devices = jax.devices()
+  sub = build(api, algorithm, devices)
+  hp = hparams(algorithm)
+  workload = MixedWorkload(api, devices)
+  params, model_state = workload.init_model_fn(0)
+  opt_state = sub.init_optimizer_state(workload, params, model_state, hp, None)
+  live, floored = [], []
+  for step in range(NUM_STEPS):
+    if step - 1 not in EVAL_AT:
+      # The counter changes between steps (not right after an eval: then the step
+      # trains from the stashed live params, not from the container it is handed).
+      params = dict(params, count=place(api, devices,
+                                        np.asarray([step, 3 * step], np.int32)))
+    opt_state, params, model_state = sub.update_params(
+        workload, params, None, model_state, hp, place_batch(api, devices, make_batch(step)),
+        None, opt_state, [], step, jax.random.PRNGKey(step))
+    live.append(host(api, params))
+    if step not in EVAL_AT:
+      continue
+    opt_state, params, model_state = sub.prepare_for_eval(
+        workload, params, None, model_state, hp, None, opt_state, [], step, None)
+    got, want = host(api, params), mixed_reference(algorithm, live, step)
+    assert {k: np.asarray(got[k]).dtype for k in ("scale", "count", "mask")} == {
+        "scale": np.dtype(jnp.bfloat16), "count": np.int32, "mask": np.bool_}
+    np.testing.assert_array_equal(got["count"], live[step]["count"])  # live, not a mean
+    floored.append(not np.array_equal(np.mean([p["count"] for p in live[:step + 1]],
+                                              axis=0).astype(np.int32), got["count"]))
+    np.testing.assert_array_equal(got["mask"], [True] * 6 + [False])
+    for key in ("hidden", "out"):
+      for a, b in zip(leaves(got[key]), leaves(want[key])):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7, err_msg=f"eval {step}")
+    np.testing.assert_allclose(np.float64(got["scale"]), np.float64(want["scale"]),
+                               rtol=2**-8, err_msg=f"eval {step}")
+  assert any(floored)  # a mean of the counters would have been another number
+  # The scale trained (it is a param); the counter and mask were never trained.
+  assert float(live[-1]["scale"]) != 1.0
+  assert live[-1]["scale"].dtype == jnp.bfloat16
+  averager_state = host(api, opt_state[0].averager)
+  assert averager_state[2 if algorithm.endswith("_ema") else 3]["count"] is None

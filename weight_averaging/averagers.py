@@ -13,12 +13,20 @@ The schedule is the one of Ajroldi, Orvieto and Geiping (2025): with ``t`` the n
 of `update` calls before the current one (so ``t`` is AlgoPerf's ``global_step``), the
 params are sampled when ``t >= start_step and t % every == 0``.
 
+Dtypes. Only floating leaves (``jnp.inexact``: float and complex) are averaged. Sums
+and averages are kept in at least float32 (or the ``dtype`` asked for), and `average`
+returns every leaf in its own dtype: a bfloat16 scalar in a float32 tree comes back
+bfloat16. Integer and boolean leaves (counters, masks) are *not* averaged: the state
+holds ``None`` in their place and `average` returns them live, as ``params`` has them
+(a mean of counters would be floored, a mean of masks rounded to ``True``).
+
 Nothing here knows about AlgoPerf or about optimizers: the state composes with any
 training loop, and checkpoints as a plain pytree of arrays.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -26,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from weight_averaging import placement as placement_lib
+from weight_averaging import validation
 
 Params = Any
 GATES = ("cond", "mask")
@@ -50,11 +59,15 @@ class EmaState(NamedTuple):
   step: int32, number of `update` calls so far.
   count: int32, number of params sampled into the average so far.
   ema: the running average, one leaf per param, stored in the placement's layout.
+
+  With the ``host`` placement ``ema`` lives in host memory, the counters on the device.
   """
 
   step: jnp.ndarray
   count: jnp.ndarray
   ema: Any
+
+  HOST_FIELDS = ("ema",)  # not a field: what a `host` placement offloads
 
 
 class LawaState(NamedTuple):
@@ -66,6 +79,9 @@ class LawaState(NamedTuple):
     slots not yet written).
   survivor_sum: per param the sum of the snapshots in ``ring`` except the one in
     the next slot, i.e. those that survive the next push.
+
+  With the ``host`` placement ``ring`` lives in host memory; the counters and
+  ``survivor_sum`` stay on the device, so a push moves two slots, not the ring.
   """
 
   step: jnp.ndarray
@@ -73,26 +89,11 @@ class LawaState(NamedTuple):
   ring: Any
   survivor_sum: Any
 
+  HOST_FIELDS = ("ring",)  # not a field: what a `host` placement offloads
+
 
 # ----------------------------------------------------------------------------
 # Validation: a bad hyperparameter names itself and its value.
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return int(value)
-
-
-def _check_beta(beta: Any) -> float:
-  if isinstance(beta, (bool, np.bool_)) or not isinstance(
-      beta, (int, float, np.integer, np.floating)):
-    raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
-  if not 0.0 <= float(beta) < 1.0:  # also rejects NaN
-    raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
-  return float(beta)
 
 
 def _check_dtype(dtype: Any) -> Optional[np.dtype]:
@@ -107,16 +108,11 @@ def _check_dtype(dtype: Any) -> Optional[np.dtype]:
   return parsed
 
 
-def _check_gate(gate: Any) -> str:
-  if gate not in GATES:
-    raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-  return gate
-
-
 def _check_common(every, start_step, dtype, gate, placement):
   """The arguments `ema` and `lawa` share, checked; the placement resolved."""
-  return (_check_int("every", every, 1), _check_int("start_step", start_step, 0),
-          _check_dtype(dtype), _check_gate(gate), placement_lib.get(placement))
+  return (validation.check_int("every", every, 1),
+          validation.check_int("start_step", start_step, 0), _check_dtype(dtype),
+          validation.check_choice("gate", gate, GATES), placement_lib.get(placement))
 
 
 # ----------------------------------------------------------------------------
@@ -129,32 +125,69 @@ def _accumulator_dtype(param_dtype, dtype):
 
 
 def _sampling(step, every: int, start_step: int):
-  """Whether the params after update number `step` (0-based) are sampled."""
+  """Whether the params after update number `step` (0-based) are sampled.
+
+  A static ``True`` when every step is: then no gate separates the averaging from
+  the optimizer update, and XLA can fuse the two (the new params are read once).
+  """
+  if every == 1 and start_step == 0:
+    return True
   return (step >= start_step) & (step % every == 0)
 
 
-def _gated(gate: str, take, sample: Callable, buffers, where):
-  """`sample(buffers)` where `take`, else `buffers` unchanged, as the placement stores them.
+def _gated(gate: str, take, push: Callable, *buffers):
+  """``push(*buffers, take=None)`` on sampling steps; `buffers` unchanged on the others.
 
-  With ``gate='cond'`` the buffers move to device memory (``host`` placement) and
-  are read and written only inside the sampling branch, so a step that does not
-  sample touches none of them. ``'mask'`` computes both and selects.
+  `push` returns the buffers as the placement stores them. ``gate='cond'`` runs it
+  in a `lax.cond`, so a step that does not sample reads and writes none of them.
+  ``'mask'`` runs it on every step with the traced `take`, and `push` selects,
+  value by value, between what it would write and what is there (`_select`). A
+  static ``take=True`` (every step samples) needs no gate.
   """
-  def to_compute(b):
-    return _tree_map(where.to_compute, b)
-
-  def constrain(b):
-    return _tree_map(where.constrain, b)
-
+  if take is True:
+    return push(*buffers, take=None)
   if gate == "cond":
-    return jax.lax.cond(take, lambda b: constrain(sample(to_compute(b))), lambda b: b,
-                        buffers)
-  current = to_compute(buffers)
-  return constrain(_tree_map(lambda a, b: jnp.where(take, a, b), sample(current), current))
+    return jax.lax.cond(take, lambda *b: push(*b, take=None), lambda *b: b, *buffers)
+  return push(*buffers, take=take)
+
+
+def _select(take, new, old):
+  """`new`, or under ``gate='mask'`` (`take` traced) `new` where `take` else `old`."""
+  return new if take is None else jnp.where(take, new, old)
 
 
 def _tree_map(fn, *trees):
   return jax.tree_util.tree_map(fn, *trees)
+
+
+def is_floating(x) -> bool:
+  """Whether leaf `x` (an array, a tracer or a `ShapeDtypeStruct`) is averaged."""
+  dtype = getattr(x, "dtype", None)
+  return jnp.issubdtype(jnp.result_type(x) if dtype is None else dtype, jnp.inexact)
+
+
+def floating_part(tree):
+  """`tree` with every integer or boolean leaf replaced by ``None`` (an empty subtree)."""
+  return _tree_map(lambda x: x if is_floating(x) else None, tree)
+
+
+def with_live(tree, floating):
+  """`floating`'s leaves, and `tree`'s own where `floating` has ``None``.
+
+  The inverse of `floating_part`: ``with_live(t, floating_part(t))`` is ``t``.
+  """
+  return _tree_map(lambda x, f: x if f is None else f, tree, floating)
+
+
+def _floating_only(inner: "Averager") -> "Averager":
+  """`inner` applied to the floating leaves; the others pass through `average` live."""
+
+  def average(state, params):
+    return with_live(params, inner.average(state, floating_part(params)))
+
+  return Averager(init=lambda params: inner.init(floating_part(params)),
+                  update=lambda state, params: inner.update(state, floating_part(params)),
+                  average=average, placement=inner.placement)
 
 
 def _increment(step):
@@ -196,9 +229,11 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
       default: nothing is read or written) or ``'mask'`` (compute and select).
 
   Returns:
-    An `Averager` whose state is an `EmaState`.
+    An `Averager` whose state is an `EmaState`; integer and boolean leaves are not
+    averaged but returned live (module docstring).
   """
-  beta = _check_beta(beta)
+  beta = validation.check_float("beta", beta, 0.0, 1.0, high_open=True)
+  debias = validation.check_bool("debias", debias)  # 'no' is truthy: refuse it
   every, start_step, dtype, gate, where = _check_common(
       every, start_step, dtype, gate, placement)
 
@@ -206,8 +241,11 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
     return where.layout(p).astype(dtype or _accumulator_dtype(p.dtype, None))
 
   def init(params):
-    zeros = _tree_map(lambda p: where.constrain(jnp.zeros_like(stored(p))), params)
-    return EmaState(step=jnp.zeros([], jnp.int32), count=jnp.zeros([], jnp.int32),
+    # Every leaf is created where `state_shardings` says it lives.
+    zeros = _tree_map(lambda p: where.zeros(
+        where.layout(p).shape, dtype or _accumulator_dtype(p.dtype, None),
+        offloaded=True), params)
+    return EmaState(step=where.zeros((), jnp.int32), count=where.zeros((), jnp.int32),
                     ema=zeros)
 
   def update(state, params):
@@ -215,14 +253,17 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
     # Without debiasing the first sample replaces the (zero) average exactly.
     decay = beta if debias else jnp.where(state.count == 0, 0.0, beta)
 
-    def sample(avg):
-      return _tree_map(
-          lambda a, p: (decay * a + (1.0 - decay) * stored(p)).astype(a.dtype),
-          avg, params)
+    def sample(avg, take):
+      def leaf(a, p):
+        a = where.to_compute(a)  # `host`: the one transfer in, and one out below
+        new = (decay * a + (1.0 - decay) * stored(p)).astype(a.dtype)
+        return where.constrain(_select(take, new, a), offloaded=True)
 
+      return (_tree_map(leaf, avg, params),)
+
+    (new_ema,) = _gated(gate, take, sample, state.ema)
     return EmaState(step=_increment(state.step),
-                    count=state.count + take.astype(jnp.int32),
-                    ema=_gated(gate, take, sample, state.ema, where))
+                    count=state.count + jnp.asarray(take, jnp.int32), ema=new_ema)
 
   def average(state, params):
     if debias:
@@ -237,19 +278,67 @@ def ema(beta: float, every: int = 1, start_step: int = 0, debias: bool = False,
 
     return _tree_map(leaf, state.ema, params)
 
-  return Averager(init, update, average, where)
+  return _floating_only(Averager(init, update, average, where))
 
 
 # ----------------------------------------------------------------------------
 # LAWA.
 
 
-def _sum_slots(ring, dtype):
-  """Sum over the leading axis, slot by slot (XLA:CPU reduces a leading axis slowly)."""
-  return jax.lax.fori_loop(
-      0, ring.shape[0],
-      lambda i, acc: acc + jax.lax.dynamic_index_in_dim(ring, i, 0, False).astype(dtype),
-      jnp.zeros(ring.shape[1:], dtype))
+def _add_survivors(acc, ring, enabled, where):
+  """``acc + ring[1] + ... + ring[k-1]`` where `enabled`, else `acc` (no slot read).
+
+  Streams the ring through `where.read_slot` (for ``host``, one slot at a time from
+  host memory), ``where.SLOTS_PER_SWEEP`` slots per sweep over `acc`. The sweeps
+  are a loop run 0 times or as often as needed, not a `lax.cond`: XLA writes a
+  conditional's result to a fresh buffer and copies it back, which on a large sum
+  costs more than the push itself; a loop updates `acc` in place.
+  """
+  width = where.SLOTS_PER_SWEEP
+  full, rest = divmod(ring.shape[0] - 1, width)
+
+  def sweep(first, count):
+    def body(j, acc):
+      for i in range(count):  # one fused pass: `acc` is read and written once
+        acc = acc + where.read_slot(ring, first + j * width + i).astype(acc.dtype)
+      return acc
+    return body
+
+  acc = jax.lax.fori_loop(0, jnp.where(enabled, full, 0), sweep(1, width), acc)
+  if rest:
+    acc = jax.lax.fori_loop(0, jnp.where(enabled, 1, 0), sweep(1 + full * width, rest),
+                            acc)
+  return acc
+
+
+def _push(ring, sums, take, *, params, count, k, where):
+  """`params` written into slot ``count % k`` of every ring; the survivors' sums updated.
+
+  ``s <- s + new - ring[next]``, the next slot read after the write. When this push
+  completes a lap of the ring (the next slot is 0), ``s`` is recomputed exactly:
+  zeroed, then the k - 1 surviving slots added (`_add_survivors`). `take` is None
+  (the push happens) or, under ``gate='mask'``, traced: a step that does not
+  sample rewrites its slot and keeps its sum. Returns ``(ring, sums)``.
+  """
+  head = count % k
+  after = (head + 1) % k
+  rebase = after == 0
+
+  def leaf(r, s, p):
+    new = where.layout(p).astype(r.dtype)
+    if take is not None:
+      new = jnp.where(take, new, where.read_slot(r, head))
+    r = where.write_slot(r, new, head)
+    moved = s + (new.astype(s.dtype) - where.read_slot(r, after).astype(s.dtype))
+    # No lax.cond on the sum (see `_add_survivors`): zero it, then add the slots.
+    s = where.constrain(_select(take, jnp.where(rebase, 0.0, moved).astype(s.dtype), s))
+    return r, _add_survivors(s, r, rebase if take is None else rebase & take, where)
+
+  out = _tree_map(leaf, ring, sums, params)
+  treedef = jax.tree_util.tree_structure(ring)
+  flat = treedef.flatten_up_to(out)
+  return (treedef.unflatten([x[0] for x in flat]),
+          treedef.unflatten([x[1] for x in flat]))
 
 
 def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
@@ -274,8 +363,15 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
   before overwriting the ring in one program would make XLA copy the whole ring).
   The mean is :math:`(s + r_{next}) / \min(n, k)`, one extra slot read. Adding and
   subtracting forever would let rounding errors accumulate, so each time the ring
-  wraps (every `k` pushes) `s` is recomputed exactly from the ring: the error of
-  the mean is that of at most ``2k`` float32 additions, however long the run.
+  wraps (every `k` pushes) `s` is recomputed exactly as the sum of the slots that
+  survive the next push, read slot by slot: the error of the mean is that of at
+  most ``2k`` float32 additions, however long the run.
+
+  A push moves about 6 param-sizes of memory (the params read twice, a slot
+  written, the next slot read, `s` read and written) plus, amortised, one slot for
+  the re-sum; a donated state is updated in place. With ``host`` the ring stays in
+  host memory: a push sends one snapshot there and brings one slot back (the
+  re-sum streams the ring back a slot at a time); `average` reads one slot.
 
   Args:
     k: queue length (>= 1).
@@ -287,51 +383,30 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
     gate: ``'cond'`` (default) or ``'mask'``; see `ema`.
 
   Returns:
-    An `Averager` whose state is a `LawaState`.
+    An `Averager` whose state is a `LawaState`; integer and boolean leaves are not
+    averaged but returned live (module docstring).
   """
-  k = _check_int("k", k, 1)
+  k = validation.check_int("k", k, 1)
   every, start_step, dtype, gate, where = _check_common(
       every, start_step, dtype, gate, placement)
 
   def init(params):
+    # Every leaf is created where `state_shardings` says it lives.
     def ring(p):
-      x = where.layout(p)
-      return where.constrain(jnp.zeros((k,) + x.shape, dtype or p.dtype))
+      return where.zeros((k,) + where.layout(p).shape, dtype or p.dtype, offloaded=True)
 
     def acc(p):
-      x = where.layout(p)
-      return where.constrain(jnp.zeros(x.shape, _accumulator_dtype(p.dtype, dtype)))
+      return where.zeros(where.layout(p).shape, _accumulator_dtype(p.dtype, dtype))
 
-    return LawaState(step=jnp.zeros([], jnp.int32), count=jnp.zeros([], jnp.int32),
+    return LawaState(step=where.zeros((), jnp.int32), count=where.zeros((), jnp.int32),
                      ring=_tree_map(ring, params), survivor_sum=_tree_map(acc, params))
 
   def update(state, params):
     take = _sampling(state.step, every, start_step)
-    head = state.count % k
-    after = (head + 1) % k
-
-    def push(buffers):
-      def leaf(r, s, p):
-        new = where.layout(p).astype(r.dtype)
-        r = jax.lax.dynamic_update_index_in_dim(r, new, head, 0)
-        evicted_next = jax.lax.dynamic_index_in_dim(r, after, 0, keepdims=False)
-        evicted_next = evicted_next.astype(s.dtype)
-        s = jax.lax.cond(
-            after == 0,  # the ring just wrapped: recompute exactly
-            lambda: _sum_slots(r, s.dtype) - evicted_next,
-            lambda: s + (new.astype(s.dtype) - evicted_next))
-        return r, s
-
-      ring, sums = buffers
-      out = _tree_map(leaf, ring, sums, params)
-      treedef = jax.tree_util.tree_structure(ring)
-      flat = treedef.flatten_up_to(out)
-      return (treedef.unflatten([x[0] for x in flat]),
-              treedef.unflatten([x[1] for x in flat]))
-
-    ring, sums = _gated(gate, take, push, (state.ring, state.survivor_sum), where)
+    push = functools.partial(_push, params=params, count=state.count, k=k, where=where)
+    ring, sums = _gated(gate, take, push, state.ring, state.survivor_sum)
     return LawaState(step=_increment(state.step),
-                     count=state.count + take.astype(jnp.int32),
+                     count=state.count + jnp.asarray(take, jnp.int32),
                      ring=ring, survivor_sum=sums)
 
   def average(state, params):
@@ -339,11 +414,10 @@ def lawa(k: int, every: int, start_step: int = 0, dtype: Any = None,
     head = state.count % k
 
     def leaf(r, s, p):
-      r, s = where.to_compute(r), where.to_compute(s)
-      total = s + jax.lax.dynamic_index_in_dim(r, head, 0, keepdims=False).astype(s.dtype)
+      total = s + where.read_slot(r, head).astype(s.dtype)  # `host`: one slot moves
       mean = where.unlayout(total, p) / n.astype(s.dtype)
       return jnp.where(state.count > 0, mean.astype(p.dtype), p)
 
     return _tree_map(leaf, state.ring, state.survivor_sum, params)
 
-  return Averager(init, update, average, where)
+  return _floating_only(Averager(init, update, average, where))

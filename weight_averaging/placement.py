@@ -8,16 +8,29 @@ A `Placement` decides three things about every array of an averaging state:
   ``ceil(n / N)`` of its ``n`` elements whatever the parameter's shape (ZeRO-1 style).
 * its *sharding*, for `jax.jit` (`shardings`), and the annotation applied inside a
   traced function (`constrain`), so that the compiled program keeps it there.
-* for `host`, the memory kind: the state is stored in ``pinned_host`` memory and
-  moved to device memory only for the arithmetic (`to_compute`). Under `jax.pmap`
-  it is held in host RAM between steps (`put`).
+* for `host`, the memory kind. Only the bulk of a state, the fields its type names in
+  ``HOST_FIELDS`` (LAWA's ring of snapshots, EMA's average), is stored in
+  ``pinned_host`` memory; counters and LAWA's running sum stay in device memory, where
+  the arithmetic happens. A LAWA push then moves one snapshot to the host and one slot
+  back (`write_slot`, `read_slot`), whatever the ring's length. Under `jax.pmap` the
+  host fields are held in host RAM between steps (`put`).
+
+`init` places every leaf exactly where `shardings` says, so a jitted step that donates
+the state and names `shardings` as its out-shardings (and in-shardings) takes the
+state that `init` returns, and its own outputs, without a transfer or a recompilation.
 
 Under `jax.pmap` give the mapped axis name (``sharded(axis_name="batch")``): each
 device then stores only its own slice and the full average is re-assembled with an
 ``all_gather`` when it is read.
 
-The averagers call `layout`, `constrain`, `to_compute` and `unlayout`; users only
-pick a placement with `get` or one of the constructors.
+The averagers call `layout`, `zeros`, `constrain`, `to_compute`, `read_slot`,
+`write_slot` and `unlayout`; users pick a placement with `get` or one of the
+constructors, and may check a compiled step with `memory_transfers`.
+
+``'auto'`` (`AUTO`, the AlgoPerf submissions' default) is not a placement but a
+request: the AlgoPerf glue turns it into one of `PLACEMENTS` at
+``init_optimizer_state``, from the state's bytes and the device's memory
+(`weight_averaging.algoperf_api.memory`).
 """
 
 from __future__ import annotations
@@ -25,7 +38,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Optional, Sequence
+import re
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +47,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 PLACEMENTS = ("replicated", "sharded", "host")
+AUTO = "auto"
+CHOICES = PLACEMENTS + (AUTO,)  # what a user may ask for
 
 _logged_host_fallback = False
 
@@ -71,6 +87,19 @@ def backend_memory_kinds(device=None) -> frozenset:
     return frozenset()
 
 
+def offloaded_leaves(state) -> Any:
+  """A pytree of bools like `state`: which leaves a `host` placement stores on the host.
+
+  A `NamedTuple` state names those fields in its class attribute ``HOST_FIELDS``; in
+  any other pytree every leaf but the scalars (counters) is offloaded.
+  """
+  fields = getattr(type(state), "HOST_FIELDS", None)
+  if fields is None or not hasattr(state, "_fields"):
+    return jax.tree_util.tree_map(lambda x: np.ndim(x) > 0, state)
+  return type(state)(*(jax.tree_util.tree_map(lambda _: name in fields, value)
+                       for name, value in zip(state._fields, state)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Base class: the state is stored like the parameters (replicated)."""
@@ -78,6 +107,10 @@ class Placement:
   name: str = "replicated"
   mesh: Optional[Mesh] = None
   axis_name: Optional[str] = None  # set: running under `jax.pmap` over this axis
+
+  # Slots of a ring summed in one sweep over an accumulator (not a dataclass field):
+  # fewer sweeps, less memory traffic.
+  SLOTS_PER_SWEEP = 8
 
   def _mesh(self) -> Mesh:
     return self.mesh if self.mesh is not None else default_mesh()
@@ -91,24 +124,50 @@ class Placement:
     return stored
 
   # Sharding.
-  def sharding(self, ndim: int):
-    """The sharding of a stored leaf of rank `ndim` under `jax.jit`."""
-    del ndim
+  def sharding(self, ndim: int, offloaded: bool = False):
+    """The sharding of a stored leaf of rank `ndim` under `jax.jit`.
+
+    `offloaded`: the leaf is bulk that a `host` placement keeps in host memory.
+    """
+    del ndim, offloaded
     return NamedSharding(self._mesh(), PartitionSpec())
 
   def shardings(self, state):
     """A pytree of shardings for `state` (for `jax.jit` in/out shardings, `device_put`)."""
-    return jax.tree_util.tree_map(lambda x: self.sharding(np.ndim(x)), state)
+    return jax.tree_util.tree_map(lambda x, off: self.sharding(np.ndim(x), off),
+                                  state, offloaded_leaves(state))
 
-  def constrain(self, stored):
+  def constrain(self, stored, offloaded: bool = False):
     """Pins a stored leaf to this placement (inside a trace or eagerly)."""
     if self.axis_name is not None:
       return stored
-    return _place(stored, self.sharding(np.ndim(stored)))
+    return _place(stored, self.sharding(np.ndim(stored), offloaded))
+
+  def zeros(self, shape, dtype, offloaded: bool = False):
+    """A stored leaf of zeros, created where it is kept (no detour through the device)."""
+    if self.axis_name is not None:
+      return jnp.zeros(shape, dtype)
+    sharding = self.sharding(len(shape), offloaded)
+    if _is_traced(jnp.zeros((), dtype)):  # inside a trace every op is traced
+      return _place(jnp.zeros(shape, dtype), sharding)
+    if getattr(sharding, "memory_kind", None) not in (None, _default_memory_kind()):
+      # `jnp.zeros(device=...)` refuses another memory kind on a one-device mesh (jax
+      # 0.10); a compiled fill writes the leaf there, as a jitted `init` does.
+      return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    return jnp.zeros(shape, dtype, device=sharding)
 
   def to_compute(self, stored):
     """Brings a stored leaf to where arithmetic happens (device memory)."""
     return stored
+
+  # A ring of snapshots: a stored leaf with a leading slot axis.
+  def read_slot(self, ring, i):
+    """``ring[i]`` in device memory: moves one slot, never the ring."""
+    return self.to_compute(jax.lax.dynamic_index_in_dim(ring, i, 0, keepdims=False))
+
+  def write_slot(self, ring, x, i):
+    """`ring` with slot `i` set to `x` (a device value), written in place when donated."""
+    return jax.lax.dynamic_update_index_in_dim(ring, x, i, 0)
 
   def put(self, state):
     """Eagerly moves a whole state to this placement (e.g. after a restore)."""
@@ -148,25 +207,37 @@ class Sharded(Placement):
     size = int(np.prod(np.shape(like), dtype=np.int64))
     return stored[..., :size].reshape(stored.shape[:-1] + tuple(np.shape(like)))
 
-  def sharding(self, ndim: int):
+  def sharding(self, ndim: int, offloaded: bool = False):
+    del offloaded
     if ndim == 0:
       return NamedSharding(self._mesh(), PartitionSpec())
     mesh = self._mesh()
     spec = (None,) * (ndim - 1) + (tuple(mesh.axis_names),)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
+  def write_slot(self, ring, x, i):
+    return self.constrain(super().write_slot(ring, x, i))
+
 
 @dataclasses.dataclass(frozen=True)
 class Host(Placement):
-  """The state is stored in host memory and moved to the device for arithmetic.
+  """The bulk of the state is stored in host memory; the arithmetic runs on the device.
 
-  Uses the ``pinned_host`` memory kind. On a backend without it (the CPU backend
-  before jax 0.7.1 has a single memory kind) it logs once and behaves like
-  `replicated`. Under `jax.pmap` the mapped function cannot write to host memory:
-  the caller moves the state to host RAM with `put` between steps.
+  Uses the ``pinned_host`` memory kind for the fields a state names in
+  ``HOST_FIELDS``; the other leaves (counters, LAWA's running sum) are replicated in
+  device memory. On a backend without ``pinned_host`` (the CPU backend before jax
+  0.7.1 has a single memory kind) it logs once and behaves like `replicated`. Under
+  `jax.pmap`, which has no memory kinds, the mapped function takes and returns the
+  host fields as ordinary device arrays and the caller moves them to host RAM with
+  `put` between steps: that saves device memory between steps, but each step moves
+  the whole ring in and out.
   """
 
   name: str = "host"
+
+  # Each slot crosses to the device once whatever the width; one at a time keeps a
+  # single slot, not eight, in device memory during a re-sum.
+  SLOTS_PER_SWEEP = 1
 
   @property
   def available(self) -> bool:
@@ -182,28 +253,37 @@ class Host(Placement):
           "device memory.", jax.default_backend(),
           sorted(backend_memory_kinds()) or "none reported")
 
-  def sharding(self, ndim: int):
-    base = super().sharding(ndim)
+  def _moves(self) -> bool:
+    """Whether host fields really live in another memory (else this is `replicated`)."""
     if not self.available:
       self._log_fallback()
-      return base
-    return base.with_memory_kind("pinned_host")
+      return False
+    return self.axis_name is None
 
-  def _device_sharding(self, ndim: int):
-    return super().sharding(ndim).with_memory_kind("device")
+  def sharding(self, ndim: int, offloaded: bool = False):
+    base = super().sharding(ndim)
+    moves = self._moves()  # logs a fallback once, whatever the leaf
+    return base.with_memory_kind("pinned_host") if offloaded and moves else base
 
   def to_compute(self, stored):
-    if not self.available or self.axis_name is not None:
+    if not self._moves():
       return stored
     # A transfer between memory kinds, never a mere sharding annotation.
-    return jax.device_put(stored, self._device_sharding(np.ndim(stored)))
+    return jax.device_put(stored, super().sharding(np.ndim(stored)).with_memory_kind("device"))
+
+  def write_slot(self, ring, x, i):
+    if self._moves():  # one slot goes to the host; the ring is updated there in place
+      x = jax.device_put(x, self.sharding(np.ndim(x), offloaded=True))
+    return super().write_slot(ring, x, i)
 
   def put(self, state):
     if self.axis_name is None:
       return super().put(state)
-    # A pmapped function cannot write to host memory, so between steps the state
-    # is held as NumPy arrays in host RAM; pmap moves it back in at the next call.
-    return jax.device_get(state)
+    # A pmapped function cannot write to host memory, so between steps the host
+    # fields are held as NumPy arrays in host RAM; pmap moves them back in at the
+    # next call.
+    return jax.tree_util.tree_map(lambda x, off: jax.device_get(x) if off else x,
+                                  state, offloaded_leaves(state))
 
 
 def replicated(mesh: Optional[Mesh] = None, axis_name: Optional[str] = None):
@@ -217,7 +297,7 @@ def sharded(mesh: Optional[Mesh] = None, axis_name: Optional[str] = None):
 
 
 def host(mesh: Optional[Mesh] = None, axis_name: Optional[str] = None):
-  """The averaging state is stored in pinned host memory."""
+  """The bulk of the averaging state is stored in pinned host memory."""
   return Host("host", mesh, axis_name)
 
 
@@ -233,6 +313,11 @@ def get(placement: Any = "replicated", *, mesh: Optional[Mesh] = None,
     return dataclasses.replace(
         placement, mesh=mesh if mesh is not None else placement.mesh,
         axis_name=axis_name if axis_name is not None else placement.axis_name)
+  if placement == AUTO:
+    raise ValueError(
+        "placement 'auto' is decided from the state's bytes and the device's memory "
+        "by the AlgoPerf glue (weight_averaging.algoperf_api.memory.placement_for); "
+        f"here give one of {PLACEMENTS}")
   if not isinstance(placement, str) or placement not in _CONSTRUCTORS:
     raise ValueError(
         f"placement must be one of {PLACEMENTS} or a Placement, got {placement!r}")
@@ -246,6 +331,49 @@ def device_bytes(tree: Any) -> Sequence[int]:
     for shard in leaf.addressable_shards:
       per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
   return [per_device[d] for d in sorted(per_device, key=lambda d: d.id)]
+
+
+# ----------------------------------------------------------------------------
+# What a compiled step moves between memory kinds.
+
+_ANNOTATION = re.compile(
+    r"(%[\w#.]+) = stablehlo\.custom_call @annotate_device_placement\(.*?"
+    r'_xla_buffer_placement = "(\w+)".*?-> tensor<([^>]*)>')
+_ITEMSIZE = {"i1": 1, "i8": 1, "ui8": 1, "bf16": 2, "f16": 2, "i16": 2, "f32": 4,
+             "i32": 4, "ui32": 4, "f64": 8, "i64": 8, "ui64": 8}
+
+
+def _tensor_bytes(tensor_type: str) -> int:
+  *dims, dtype = tensor_type.split("x")
+  return int(np.prod([int(d) for d in dims], dtype=np.int64)) * _ITEMSIZE[dtype]
+
+
+def memory_transfers(fn, *args, platform: str = "cuda", **jit_kwargs) -> Dict[str, int]:
+  """Bytes that ``jax.jit(fn, **jit_kwargs)(*args)`` moves into each memory kind.
+
+  Read from the program lowered for `platform` (the GPU lowering also on a CPU-only
+  machine, where XLA drops memory kinds): every ``annotate_device_placement`` inside
+  the program, i.e. each transfer ``device_put`` asks for, counted once, so a branch
+  or loop body counts as if it ran once. The annotations jax adds to the program's
+  own results (which only confirm where they already are) are left out; the state
+  arrives and leaves where its shardings say, so these are all the transfers.
+  Needs a jax whose ``Traced.lower`` takes ``lowering_platforms``.
+
+  Returns ``{memory kind: bytes}``, e.g. ``{"pinned_host": ..., "device": ...}``.
+  """
+  traced = jax.jit(fn, **jit_kwargs).trace(*args)
+  text = traced.lower(lowering_platforms=(platform,)).as_text()
+  start = text.index("func.func public @main")
+  end = text.index("\n  }\n", start)
+  # The function's own return (a region's is spelled `stablehlo.return`).
+  results = set(re.search(r"\n\s*return (.*?) :", text[start:end]).group(1).split(", "))
+  moved: Dict[str, int] = {}
+  for match in _ANNOTATION.finditer(text):
+    name, kind, tensor_type = match.groups()
+    if name in results and start <= match.start() < end:
+      continue
+    moved[kind] = moved.get(kind, 0) + _tensor_bytes(tensor_type)
+  return moved
 
 
 # ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import queue
 import re
 import threading
 import weakref
+import zipfile
 from typing import Any, List, NamedTuple, Optional, Sequence
 
 import jax
@@ -63,6 +64,13 @@ class Manifest(NamedTuple):
   dtypes: List[str]
   run: str
   trained_steps: Optional[int]
+
+
+def _damage(error: BaseException) -> str:
+  """What a failed `np.load` says of the file, without numpy's advice to allow pickles (it
+  gives that for any file that does not start as an archive)."""
+  text = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return "not a .npz (zip) archive" if "pickle" in text else text
 
 
 def step_path(directory: str, step: int) -> str:
@@ -106,18 +114,26 @@ def _write_json(path: str, obj) -> None:
 
 
 def read_manifest(directory: str) -> Manifest:
-  """The manifest of a snapshot directory; `ValueError` if it is not one."""
+  """The manifest of a snapshot directory; `ValueError` naming the file if it is not one or
+  is damaged."""
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise ValueError(f"{directory} is not a snapshot directory (no {MANIFEST}); "
                      "train with the hyperparameter 'snapshot_every' to write one")
-  with open(path) as f:
-    raw = json.load(f)
-  if raw.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-  return Manifest(snapshot_every=int(raw["snapshot_every"]), paths=list(raw["paths"]),
-                  shapes=[list(s) for s in raw["shapes"]], dtypes=list(raw["dtypes"]),
-                  run=str(raw.get("run", "")), trained_steps=raw.get("trained_steps"))
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{path}: damaged, not valid JSON ({e})") from None
+  if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+    raise ValueError(f"{path}: format {found!r}, expected {FORMAT!r}")
+  try:
+    return Manifest(snapshot_every=int(raw["snapshot_every"]), paths=list(raw["paths"]),
+                    shapes=[list(s) for s in raw["shapes"]], dtypes=list(raw["dtypes"]),
+                    run=str(raw.get("run", "")), trained_steps=raw.get("trained_steps"))
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path}: damaged manifest, missing or malformed {e}") from None
 
 
 def snapshot_steps(directory: str) -> List[int]:
@@ -132,10 +148,24 @@ def snapshot_steps(directory: str) -> List[int]:
 
 def load_leaves(directory: str, step: int, manifest: Optional[Manifest] = None
                 ) -> List[np.ndarray]:
-  """The flattened leaves of snapshot `step`, checked against the manifest."""
+  """The flattened leaves of snapshot `step`, checked against the manifest.
+
+  Read without pickles (``allow_pickle=False``: a snapshot holds plain arrays, and unpickling a
+  file runs code). A file that is not a readable archive of those arrays is a `ValueError`
+  naming it as damaged.
+  """
   manifest = manifest or read_manifest(directory)
-  with np.load(step_path(directory, step)) as data:
-    leaves = [data[f"leaf_{i:05d}"] for i in range(len(manifest.paths))]
+  path = step_path(directory, step)
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      leaves = [data[f"leaf_{i:05d}"] for i in range(len(manifest.paths))]
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path}: damaged snapshot ({_damage(e)}; its manifest lists "
+                     f"{len(manifest.paths)} leaves): rerun the training to write it again, "
+                     "or delete it and the later step_*.npz files to replay up to the step "
+                     "before") from None
   for i, (leaf, shape, dtype) in enumerate(zip(leaves, manifest.shapes, manifest.dtypes)):
     if list(leaf.shape) != shape or leaf.dtype.str != dtype:
       raise ValueError(f"snapshot {step} in {directory}: leaf {manifest.paths[i]} is "

@@ -30,6 +30,10 @@ its buffers, its transfer to the host is started, and a thread writes it. Every
 `prepare_for_eval` records how many updates the run has completed. Works with or
 without an averager: offline averaging of a plain run is the paper's main use.
 
+Integer and boolean params leaves are neither trained (the gradient is taken with
+respect to the floating leaves only, `averagers.floating_part`) nor averaged: they
+pass through every step and every eval as the model has them.
+
 Reading ``holding`` from the device would make every step wait for the one before.
 The runtime instead remembers which flag array it returned last and what it holds;
 only a state it has not seen (the first call after a checkpoint restore) is read
@@ -54,13 +58,15 @@ from weight_averaging import averagers
 from weight_averaging import placement as placement_lib
 from weight_averaging import snapshots as snapshots_lib
 from weight_averaging.algoperf_api import hyperparameters as hp
-from weight_averaging.optimizers import nadamw as nadamw_lib
+from weight_averaging.algoperf_api import batch_sizes, memory, names, recipes
+from weight_averaging.optimizers import common
 
 APIS = ("jit", "pmap")
 AXIS = "batch"  # the mesh axis (jit) and the mapped axis (pmap) the runner uses
 
-MakeOptimizer = Callable[[Any, int, hp.Distribution], optax.GradientTransformation]
-MakeAverager = Callable[[Any, placement_lib.Placement], averagers.Averager]
+MakeOptimizer = Callable[[Any, int, recipes.Distribution], optax.GradientTransformation]
+MakeAverager = Callable[[Any, hp.AveragingConfig, placement_lib.Placement],
+                        averagers.Averager]
 
 
 class TrainState(NamedTuple):
@@ -112,11 +118,12 @@ def resolve_placement(name: str, api: str,
       "'replicated', or the jit API for 'host'.")
 
 
-def distribution(api: str, devices: Optional[Sequence[Any]] = None) -> hp.Distribution:
+def distribution(api: str, devices: Optional[Sequence[Any]] = None
+                 ) -> recipes.Distribution:
   """The pmap axis (pmap API) or the batch mesh (jit API) a step runs over."""
   if api == "pmap":
-    return hp.Distribution(axis_name=AXIS)
-  return hp.Distribution(mesh=batch_mesh(devices), mesh_axis_name=AXIS)
+    return recipes.Distribution(axis_name=AXIS)
+  return recipes.Distribution(mesh=batch_mesh(devices), mesh_axis_name=AXIS)
 
 
 def _train_mode():
@@ -126,7 +133,8 @@ def _train_mode():
       return importlib.import_module(module).ForwardPassMode.TRAIN
     except ImportError:
       continue
-  return "train"  # no algoperf: the stand-in workloads ignore the mode
+  # No algoperf: workloads compare the mode by its member's name, as the embedded one does.
+  return "TRAIN"
 
 
 def _takes_dropout(model_fn) -> bool:
@@ -165,34 +173,37 @@ class Runtime:
     pmap = api == "pmap"
 
     def train_step(state, params, model_state, batch, rng):
-      def loss_fn(p):
-        logits, new_model_state = workload.model_fn(p, batch, model_state, mode, rng,
-                                                    **model_kwargs)
+      trainable = averagers.floating_part(params)
+
+      def loss_fn(t):
+        logits, new_model_state = workload.model_fn(
+            averagers.with_live(params, t), batch, model_state, mode, rng,
+            **model_kwargs)
         losses = workload.loss_fn(label_batch=batch["targets"], logits_batch=logits,
                                   mask_batch=batch.get("weights"),
                                   label_smoothing=label_smoothing)
         return losses["summed"], (losses["n_valid_examples"], new_model_state)
 
       (summed, (n_valid, new_model_state)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(params)
+          loss_fn, has_aux=True)(trainable)
       if pmap:
         # Sum, then divide by the global count: exact with masked (padded) batches,
         # where a mean of per-device means would weight devices unequally.
         summed, n_valid, grads = jax.lax.psum((summed, n_valid, grads), AXIS)
       grads = jax.tree_util.tree_map(lambda g: g / n_valid, grads)
-      updates, opt_state = optimizer.update(grads, state.optimizer, params)
-      new_params = optax.apply_updates(params, updates)
+      updates, opt_state = optimizer.update(grads, state.optimizer, trainable)
+      new_params = averagers.with_live(params, optax.apply_updates(trainable, updates))
       # The averager samples the params *after* this step's update.
       avg_state = (averager.update(state.averager, new_params)
                    if averager is not None else state.averager)
       new_state = TrainState(opt_state, avg_state, state.stash,
                              jnp.zeros_like(state.holding))
       return new_state, new_params, new_model_state, (summed / n_valid,
-                                                      nadamw_lib.global_norm(grads))
+                                                      common.global_norm(grads))
 
     def init(params):
       return TrainState(
-          optimizer=optimizer.init(params),
+          optimizer=optimizer.init(averagers.floating_part(params)),
           averager=averager.init(params) if averager is not None else (),
           stash=(jax.tree_util.tree_map(jnp.zeros_like, params)
                  if averager is not None else ()),
@@ -342,21 +353,14 @@ def one_copy(tree, api: str):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _unreplicated(tree, api: str):
-  """`tree` on the host, with pmap's leading device axis dropped."""
-  tree = jax.device_get(tree)
-  if api == "pmap":
-    tree = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], tree)
-  return tree
-
-
 def snapshot_writer(hyperparameters, api: str, model_params, model_state
                     ) -> Optional[snapshots_lib.SnapshotWriter]:
   """The run's `SnapshotWriter`, or ``None`` without ``snapshot_every``."""
   cfg = hp.snapshot_config(hyperparameters)
   if cfg is None:
     return None
-  like = _unreplicated({"params": model_params, "model_state": model_state}, api)
+  like = {"params": model_params, "model_state": model_state}  # one copy, on the host
+  like = jax.device_get(placement_lib.pmap_unreplicate(like) if api == "pmap" else like)
   return snapshots_lib.SnapshotWriter(
       cfg.directory, cfg.every, like,
       run=snapshots_lib.run_identity(like, hyperparameters),
@@ -370,14 +374,17 @@ def build_submission(make_optimizer: MakeOptimizer,
   """The five AlgoPerf API functions for `make_optimizer` (+ `make_averager`).
 
   Args:
-    make_optimizer: ``(hyperparameters, step_hint, distribution) ->
-      optax.GradientTransformation``; ``distribution`` (`hp.Distribution`) names
-      the pmap axis or the jit mesh, for optimizers that split work over devices.
-    make_averager: ``(hyperparameters, placement) -> Averager``, or ``None`` for
-      no averaging (then `prepare_for_eval` is the identity).
+    make_optimizer: ``(hyperparameters, step_hint, distribution) -> optax
+      transform``; ``distribution`` (`recipes.Distribution`): the pmap axis or mesh.
+    make_averager: ``(hyperparameters, averaging, placement) -> Averager``, given
+      `hp.averaging_config` (read once, here) and its placement for `api`; ``None``
+      for no averaging (then `prepare_for_eval` is the identity).
     api: ``'jit'`` (algoperf 2c90454f) or ``'pmap'`` (algoperf fb2f492a).
     devices: the devices to run on; ``None`` (what the runner needs) means all of
       them (`jax.devices()` for jit, `jax.local_devices()` for pmap).
+
+  `init_optimizer_state` refuses hyperparameters no submission here reads and logs
+  those only others read (`names.checked`: recipes read through `hp.lookup`).
 
   Returns:
     A namespace with ``get_batch_size``, ``init_optimizer_state``,
@@ -389,15 +396,19 @@ def build_submission(make_optimizer: MakeOptimizer,
 
   def init_optimizer_state(workload, model_params, model_state, hyperparameters, rng):
     del rng
-    base = hp.training_config(hyperparameters)
-    writer = snapshot_writer(hyperparameters, api, model_params, model_state)
-    optimizer = make_optimizer(hyperparameters, workload.step_hint,
-                               distribution(api, devices))
-    averager = None
-    if make_averager is not None:
-      cfg = hp.averaging_config(hyperparameters)
-      averager = make_averager(hyperparameters,
-                               resolve_placement(cfg.placement, api, devices))
+    with names.checked(hyperparameters):  # unknown names refused, unused ones logged
+      base = hp.training_config(hyperparameters)
+      writer = snapshot_writer(hyperparameters, api, model_params, model_state)
+      optimizer = make_optimizer(hyperparameters, workload.step_hint,
+                                 distribution(api, devices))
+      averager = None
+      if make_averager is not None:
+        # Fractions of the step hint become steps here, once.
+        averaging = hp.averaging_config(hyperparameters, workload.step_hint)
+        where = memory.placement_for(  # decides 'auto' from the bytes and the device
+            averaging.placement, api, model_params, optimizer,
+            functools.partial(make_averager, hyperparameters, averaging), devices)
+        averager = make_averager(hyperparameters, averaging, resolve_placement(where, api, devices))
     runtime = Runtime(api, workload, optimizer, averager, base.label_smoothing,
                       base.dropout_rate, devices, snapshots=writer)
     return runtime.init(model_params), runtime
@@ -429,8 +440,9 @@ def build_submission(make_optimizer: MakeOptimizer,
     del hyperparameters, global_step, rng
     return next(input_queue)
 
+  init_optimizer_state.algoperf_api = api  # runners of the other API refuse it by name
   return types.SimpleNamespace(
-      get_batch_size=hp.get_batch_size,
+      get_batch_size=batch_sizes.get_batch_size,
       init_optimizer_state=init_optimizer_state,
       update_params=update_params,
       prepare_for_eval=prepare_for_eval,

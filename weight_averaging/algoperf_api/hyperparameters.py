@@ -1,32 +1,40 @@
-"""Reading and validating hyperparameters by name, and the batch sizes per workload.
+"""Reading and validating hyperparameters by name.
 
 AlgoPerf hands a submission its hyperparameters as a namedtuple (external tuning),
 or ``None`` (self-tuning). Every value read here is checked for presence, type and
-range, and a bad one raises `ValueError` naming the hyperparameter: a float is never
-silently truncated (the 2024 LAWA EMA entry read ``int(lawa_beta)`` and turned
-beta 0.2 into 0).
+range (`weight_averaging.validation`'s rules), and a bad one raises `ValueError`
+naming the hyperparameter. Each ``*_config`` function reads one concern and returns
+a `NamedTuple` of plain values; `recipes` builds optimizers and averagers from them.
 
 Integers accept integral floats (``64.0``), because a Halton search space with
-``"scaling": "linear"`` hands out floats; ``64.5`` or ``True`` is an error.
+``"scaling": "linear"`` hands out floats; ``64.5``, ``True`` or ``'64'`` is an error.
+Self-tuning (``None``): each reader reads its ``SELF_TUNING_*`` point. Every name is
+read through `lookup`, which `recording` watches: `names` derives from it the names
+our submissions know.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fractions
 import math
-import numbers
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Set
 
-import optax
-
-from weight_averaging import averagers
 from weight_averaging import placement as placement_lib
-from weight_averaging.optimizers import nadamw as nadamw_lib
+from weight_averaging.algoperf_api import schedules as schedules_lib
 from weight_averaging.optimizers import shampoo as shampoo_lib
+from weight_averaging.validation import check_bool, check_choice, check_float, check_int
 
 _MISSING = object()
 
-# AlgoPerf's self-tuning NadamW point, used when the runner passes no hyperparameters.
+# AlgoPerf's self-tuning NadamW point (its ``HPARAMS``), used for ``None``. The
+# baseline's schedule runs over the step hint itself, not over the 1.5x budget's
+# steps: algoperf algorithms/baselines/self_tuning/jax_nadamw_full_budget.py,
+# line 201 at 047238dd (202 at 2c90454f):
+# ``lr_schedule_fn = jax_cosine_warmup(workload.step_hint, hyperparameters)``;
+# `recipes` does the same (Shampoo: ``step_hint_factor`` 1).
 SELF_TUNING_NADAMW = {
     "dropout_rate": 0.1,
     "learning_rate": 0.0017486387539278373,
@@ -37,50 +45,51 @@ SELF_TUNING_NADAMW = {
     "label_smoothing": 0.0,
 }
 
-# Averaging defaults, from Ajroldi et al. (2025), App. B: "nu in the range 64-128
-# combined with L = 20" for LAWA and "nu between 64 and 128 with beta = 0.9" for EMA.
-# We take the low end of nu: the window nu * k / step_hint should be about 1% of the
-# budget, and the current step hints are shorter than the v0.5 ones the paper used,
-# so nu = 64 keeps the window nearest to 1% (e.g. 64 * 20 / 120000 = 1.1% on WMT).
+# Self-tuning averaging: a window of 1% of the step hint, the paper's Fig. 3
+# recommendation. LAWA: nu * k = 0.0005 * 20 = 1%. EMA: beta 0.9 with the same nu
+# (App. B gives the same nu range for both; its mean sample age beta / (1 - beta) = 9
+# samples is LAWA's (k - 1) / 2 = 9.5). The shipped search spaces use these values.
+SELF_TUNING_AVERAGING = {"averaging_every_fraction": 0.0005,
+                         "averaging_start_fraction": 0.0}
+SELF_TUNING_EMA = {"ema_beta": 0.9}
+SELF_TUNING_LAWA = {"lawa_k": 20}
+
+# External tuning, a name not given: Ajroldi et al. (2025), App. B, "nu in the range
+# 64-128 combined with L = 20" (LAWA), "nu between 64 and 128 with beta = 0.9" (EMA);
+# the low end of nu, as the current step hints are shorter than the paper's.
 DEFAULT_AVERAGING_EVERY = 64
 DEFAULT_LAWA_K = 20
 DEFAULT_EMA_BETA = 0.9
 DEFAULT_AVERAGING_START_STEP = 0
-DEFAULT_AVERAGING_PLACEMENT = "replicated"
-
-# Global batch sizes of AlgoPerf's reference NadamW submission.
-BATCH_SIZES = {
-    "criteo1tb": 262_144,
-    "fastmri": 32,
-    "imagenet_resnet": 1024,
-    "imagenet_resnet_silu": 512,
-    "imagenet_resnet_gelu": 512,
-    "imagenet_vit": 1024,
-    "librispeech_conformer": 256,
-    "librispeech_deepspeech": 256,
-    "ogbg": 512,
-    "wmt": 128,
-    "mnist": 16,
-}
-
-
-def get_batch_size(workload_name: str) -> int:
-  """The reference NadamW global batch size; `ValueError` for an unknown name.
-
-  The runner retries a variant (e.g. ``ogbg_gelu``) with its base workload's name
-  when this raises `ValueError`.
-  """
-  if workload_name not in BATCH_SIZES:
-    raise ValueError(f"Unsupported workload name: {workload_name!r}.")
-  return BATCH_SIZES[workload_name]
-
+DEFAULT_AVERAGING_PLACEMENT = "auto"  # `memory`: replicated where it fits, as on a CPU
 
 # ----------------------------------------------------------------------------
-# Lookup and checks.
+# Lookup.
+
+
+_RECORDING: contextvars.ContextVar[Optional[Set[str]]] = contextvars.ContextVar(
+    "weight_averaging_hyperparameters_read", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Set[str]]:
+  """Collects, into the set it yields, every name `lookup` is asked for in the block."""
+  names: Set[str] = set()
+  token = _RECORDING.set(names)
+  try:
+    yield names
+  finally:
+    _RECORDING.reset(token)
 
 
 def lookup(hparams: Any, name: str, default: Any = _MISSING) -> Any:
-  """``hparams.name`` for a namedtuple or object, ``hparams[name]`` for a mapping."""
+  """``hparams.name`` for a namedtuple or object, ``hparams[name]`` for a mapping.
+
+  Every name asked for is recorded while a `recording` block runs.
+  """
+  read = _RECORDING.get()
+  if read is not None:
+    read.add(name)
   if hparams is None:
     value = _MISSING
   elif isinstance(hparams, dict):
@@ -92,55 +101,6 @@ def lookup(hparams: Any, name: str, default: Any = _MISSING) -> Any:
       raise ValueError(f"hyperparameter {name!r} is missing")
     return default
   return value
-
-
-def _is_number(value) -> bool:
-  # bool is an int subclass, but True is no learning rate.
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_float(name: str, value: Any, low: float, high: float, *,
-                low_open: bool = False, high_open: bool = False) -> float:
-  """`value` as a float in the interval; `ValueError` naming `name` otherwise."""
-  interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-  if not _is_number(value):
-    raise ValueError(f"hyperparameter {name!r} must be a number in {interval}, "
-                     f"got {value!r} ({type(value).__name__})")
-  value = float(value)
-  ok = (not math.isnan(value) and (value > low if low_open else value >= low)
-        and (value < high if high_open else value <= high))
-  if not ok:
-    raise ValueError(f"hyperparameter {name!r} must be a number in {interval}, "
-                     f"got {value!r}")
-  return value
-
-
-def check_choice(name: str, value: Any, choices) -> Any:
-  """`value` if it is one of `choices`; `ValueError` naming `name` otherwise."""
-  if isinstance(value, bool) or value not in tuple(choices):
-    raise ValueError(f"hyperparameter {name!r} must be one of {tuple(choices)}, "
-                     f"got {value!r}")
-  return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-  """`value` as a bool: JSON ``true``/``false`` (or 0/1 from a grid)."""
-  if isinstance(value, bool):
-    return value
-  if _is_number(value) and value in (0, 1):
-    return bool(value)
-  raise ValueError(f"hyperparameter {name!r} must be true or false, got {value!r}")
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-  """`value` as an int >= `minimum`; integral floats are accepted, others are not."""
-  if not _is_number(value) or not float(value).is_integer():  # NaN and inf too
-    raise ValueError(f"hyperparameter {name!r} must be an integer >= {minimum}, "
-                     f"got {value!r} ({type(value).__name__})")
-  if value < minimum:
-    raise ValueError(f"hyperparameter {name!r} must be an integer >= {minimum}, "
-                     f"got {value!r}")
-  return int(value)
 
 
 # ----------------------------------------------------------------------------
@@ -158,6 +118,7 @@ class NadamwConfig(NamedTuple):
   label_smoothing: float
   dropout_rate: Optional[float]
   grad_clip: Optional[float]
+  schedule: schedules_lib.ScheduleConfig  # lr_schedule and its shape (`schedules`)
 
 
 def nadamw_config(hparams: Any) -> NadamwConfig:
@@ -180,26 +141,8 @@ def nadamw_config(hparams: Any) -> NadamwConfig:
       dropout_rate=training.dropout_rate,
       grad_clip=None if grad_clip is None else check_float(
           "grad_clip", grad_clip, 0.0, math.inf, low_open=True, high_open=True),
+      schedule=schedules_lib.schedule_config(hparams, lookup),
   )
-
-
-def nadamw_from_hyperparameters(hparams: Any, step_hint: int, distribution: Any = None
-                                ) -> optax.GradientTransformation:
-  """AlgoPerf's reference NadamW for these hyperparameters and step hint.
-
-  ``b1 = 1 - one_minus_beta1``, ``b2 = beta2``, ``eps = 1e-8``, weight decay on
-  every param, `warmup_cosine_schedule` over `step_hint`, and the clipping of the
-  reference when ``grad_clip`` is present. Every device does the same work, so
-  ``distribution`` is not needed.
-  """
-  del distribution
-  cfg = nadamw_config(hparams)
-  step_hint = check_int("step_hint", step_hint, 1)
-  schedule = nadamw_lib.warmup_cosine_schedule(cfg.learning_rate, cfg.warmup_factor,
-                                               step_hint)
-  return nadamw_lib.nadamw(schedule, b1=1.0 - cfg.one_minus_beta1, b2=cfg.beta2,
-                           eps=nadamw_lib.EPS, weight_decay=cfg.weight_decay,
-                           grad_clip=cfg.grad_clip)
 
 
 class TrainingConfig(NamedTuple):
@@ -229,32 +172,29 @@ def training_config(hparams: Any) -> TrainingConfig:
 # ----------------------------------------------------------------------------
 # Distributed Shampoo.
 
-# Meta's AlgoPerf 2024 point 1 (its self-tuning-like default), used for ``None``.
+# Meta's AlgoPerf 2024 point 1, used for ``None``: point 1 of
+# tuning_search_spaces/shampoo.json, key for key (a test holds them equal). It is
+# NadamW's self-tuning point with Meta's recipe on top; the schedule runs over the
+# whole step hint (``step_hint_factor`` 1), as the self-tuning baseline's does.
 SELF_TUNING_SHAMPOO = {
     "shampoo_preset": "meta",
     "learning_rate": 0.0017486387539278373,
     "one_minus_beta1": 0.06733926164,
-    "beta2": 1.0 - 0.004483819592,
+    "beta2": 0.9955159689799007,
     "weight_decay": 0.08121616522670176,
     "warmup_factor": 0.02,
+    "step_hint_factor": 1.0,
+    "momentum": 0.0,
+    "use_nadam": True,
+    "graft_type": "adam",
+    "exponent_override": 0,
     "label_smoothing": 0.0,
     "dropout_rate": 0.1,
 }
 
 SHAMPOO_PRESETS = tuple(shampoo_lib.PRESETS)
+META_ONLY = ("momentum", "use_nadam", "graft_type")  # refused with preset 'google'
 DEFAULT_SHAMPOO_PRESET = "meta"
-
-
-class Distribution(NamedTuple):
-  """Where a step runs, for optimizers that split work over devices.
-
-  axis_name: the mapped axis inside `jax.pmap` (pmap API), else None.
-  mesh: the jit API's mesh (axis ``mesh_axis_name``), else None.
-  """
-
-  axis_name: Optional[str] = None
-  mesh: Any = None
-  mesh_axis_name: str = "batch"
 
 
 class ShampooConfig(NamedTuple):
@@ -262,7 +202,7 @@ class ShampooConfig(NamedTuple):
 
   learning_rate: float
   warmup_factor: float
-  step_hint_factor: float
+  schedule: schedules_lib.ScheduleConfig  # lr_schedule, step_hint_factor, ...
   grad_clip: Optional[float]
   preset: str
   transform: dict  # keyword arguments of `shampoo_lib.scale_by_shampoo`
@@ -288,8 +228,7 @@ def shampoo_config(hparams: Any) -> ShampooConfig:
     (Google's ``beta1``) and weight decay is added to the grafted step before
     momentum.
 
-  Either preset takes ``step_hint_factor`` (the schedule runs over
-  ``step_hint * step_hint_factor`` steps, default 1) and overrides of
+  Either preset takes the schedule's hyperparameters (`schedules`) and overrides of
   ``block_size``, ``preconditioning_every``, ``start_preconditioning_step``
   (-1: equal to ``preconditioning_every``), ``matrix_epsilon`` (the roots' ridge)
   and ``root_method``.
@@ -299,6 +238,23 @@ def shampoo_config(hparams: Any) -> ShampooConfig:
   preset = check_choice("shampoo_preset",
                         lookup(hparams, "shampoo_preset", DEFAULT_SHAMPOO_PRESET),
                         SHAMPOO_PRESETS)
+  kwargs = _shampoo_moments(hparams, preset)
+  kwargs.update(_shampoo_overrides(hparams))
+  grad_clip = lookup(hparams, "grad_clip", None)
+  return ShampooConfig(
+      learning_rate=check_float("learning_rate", lookup(hparams, "learning_rate"),
+                                0.0, math.inf, low_open=True, high_open=True),
+      warmup_factor=check_float("warmup_factor", lookup(hparams, "warmup_factor"),
+                                0.0, 1.0),
+      schedule=schedules_lib.schedule_config(hparams, lookup),
+      grad_clip=None if grad_clip is None else check_float(
+          "grad_clip", grad_clip, 0.0, math.inf, low_open=True, high_open=True),
+      preset=preset,
+      transform=shampoo_lib.shampoo_hyperparameters(preset, **kwargs))
+
+
+def _shampoo_moments(hparams: Any, preset: str) -> dict:
+  """The moments' and weight decay's keyword arguments, as `preset` reads them."""
   one_minus_beta1 = check_float("one_minus_beta1", lookup(hparams, "one_minus_beta1"),
                                 0.0, 1.0, low_open=True)
   kwargs = dict(
@@ -313,16 +269,21 @@ def shampoo_config(hparams: Any) -> ShampooConfig:
         use_nadam=check_bool("use_nadam", lookup(hparams, "use_nadam", True)),
         graft_type=check_choice("graft_type", lookup(hparams, "graft_type", "adam"),
                                 shampoo_lib.GRAFT_TYPES))
-  else:
-    for name in ("momentum", "use_nadam", "graft_type"):
-      if lookup(hparams, name, None) is not None:
-        raise ValueError(
-            f"hyperparameter {name!r} belongs to shampoo_preset 'meta'; with "
-            "'google' the momentum is 1 - one_minus_beta1 and the graft is "
-            "normalized RMSProp")
-    kwargs.update(momentum=1.0 - one_minus_beta1)
-  kwargs["exponent_override"] = check_int(
-      "exponent_override", lookup(hparams, "exponent_override", 0), 0)
+    return kwargs
+  for name in META_ONLY:
+    if lookup(hparams, name, None) is not None:
+      raise ValueError(
+          f"hyperparameter {name!r} belongs to shampoo_preset 'meta'; with "
+          "'google' the momentum is 1 - one_minus_beta1 and the graft is "
+          "normalized RMSProp")
+  kwargs.update(momentum=1.0 - one_minus_beta1)
+  return kwargs
+
+
+def _shampoo_overrides(hparams: Any) -> dict:
+  """``exponent_override`` and the overrides, present only, of the preset's defaults."""
+  kwargs = {"exponent_override": check_int(
+      "exponent_override", lookup(hparams, "exponent_override", 0), 0)}
   for name, minimum in (("block_size", 1), ("preconditioning_every", 1),
                         ("start_preconditioning_step", -1)):
     value = lookup(hparams, name, None)
@@ -336,48 +297,7 @@ def shampoo_config(hparams: Any) -> ShampooConfig:
   if root_method is not None:
     kwargs["root_method"] = check_choice("root_method", root_method,
                                          shampoo_lib.ROOT_METHODS)
-  grad_clip = lookup(hparams, "grad_clip", None)
-  return ShampooConfig(
-      learning_rate=check_float("learning_rate", lookup(hparams, "learning_rate"),
-                                0.0, math.inf, low_open=True, high_open=True),
-      warmup_factor=check_float("warmup_factor", lookup(hparams, "warmup_factor"),
-                                0.0, 1.0),
-      step_hint_factor=check_float("step_hint_factor",
-                                   lookup(hparams, "step_hint_factor", 1.0),
-                                   0.0, math.inf, low_open=True, high_open=True),
-      grad_clip=None if grad_clip is None else check_float(
-          "grad_clip", grad_clip, 0.0, math.inf, low_open=True, high_open=True),
-      preset=preset,
-      transform=shampoo_lib.shampoo_hyperparameters(preset, **kwargs))
-
-
-def shampoo_from_hyperparameters(hparams: Any, step_hint: int,
-                                 distribution: Optional[Distribution] = None
-                                 ) -> optax.GradientTransformation:
-  """Distributed Shampoo (`shampoo_config`) with the reference warmup + cosine schedule.
-
-  The schedule is `nadamw_lib.warmup_cosine_schedule` over
-  ``round(step_hint * step_hint_factor)`` steps; ``grad_clip`` clips the gradient
-  first, as the reference does. Under pmap the roots are split over the mapped
-  axis, under jit over the mesh (`Distribution`); every device ends with the same
-  roots as a single-device run.
-  """
-  cfg = shampoo_config(hparams)
-  step_hint = check_int("step_hint", step_hint, 1)
-  horizon = max(1, int(round(step_hint * cfg.step_hint_factor)))
-  schedule = nadamw_lib.warmup_cosine_schedule(cfg.learning_rate, cfg.warmup_factor,
-                                               horizon)
-  distribution = distribution or Distribution()
-  transform = dict(cfg.transform)
-  if distribution.axis_name is not None:
-    transform["axis_name"] = distribution.axis_name
-  elif distribution.mesh is not None and distribution.mesh.size > 1:
-    transform.update(mesh=distribution.mesh, mesh_axis_name=distribution.mesh_axis_name)
-  chain = [] if cfg.grad_clip is None else [
-      nadamw_lib.scale_by_clipped_global_norm(cfg.grad_clip)]
-  chain += [shampoo_lib.scale_by_shampoo(**transform),
-            optax.scale_by_learning_rate(schedule)]
-  return optax.chain(*chain)
+  return kwargs
 
 
 # ----------------------------------------------------------------------------
@@ -385,45 +305,102 @@ def shampoo_from_hyperparameters(hparams: Any, step_hint: int,
 
 
 class AveragingConfig(NamedTuple):
-  """The validated averaging hyperparameters."""
+  """The validated averaging hyperparameters, fractions already resolved to steps."""
 
   every: int
   start_step: int
   placement: str
 
 
-def averaging_config(hparams: Any) -> AveragingConfig:
-  """``averaging_every``, ``averaging_start_step`` and ``averaging_placement``."""
-  name = lookup(hparams, "averaging_placement", DEFAULT_AVERAGING_PLACEMENT)
-  if not isinstance(name, str) or name not in placement_lib.PLACEMENTS:
-    raise ValueError(f"hyperparameter 'averaging_placement' must be one of "
-                     f"{placement_lib.PLACEMENTS}, got {name!r}")
+def every_steps(fraction: float, step_hint: int) -> int:
+  """nu = max(1, round(fraction * step_hint)), exact (half to even) on the decimal given.
+
+  The product is taken on the fraction's shortest decimal (``repr``, what a JSON file
+  holds), so 0.1 * 120000 is 12000, not 12000.000000000002.
+  """
+  return max(1, round(fractions.Fraction(repr(float(fraction))) * step_hint))
+
+
+def start_steps(fraction: float, step_hint: int) -> int:
+  """start = ceil(fraction * step_hint), exact on the decimal given (see `every_steps`)."""
+  return math.ceil(fractions.Fraction(repr(float(fraction))) * step_hint)
+
+
+def _steps_or_fraction(hparams: Any, steps_name: str, fraction_name: str, *,
+                       minimum: int, default: int, fraction_check: dict,
+                       to_steps, step_hint: Optional[int]) -> int:
+  """`steps_name` in steps, or `fraction_name` of `step_hint` made steps; not both."""
+  steps = lookup(hparams, steps_name, None)
+  fraction = lookup(hparams, fraction_name, None)
+  if steps is not None and fraction is not None:
+    raise ValueError(
+        f"hyperparameters {steps_name!r} ({steps!r}) and {fraction_name!r} "
+        f"({fraction!r}) are both given: give one, {steps_name!r} in steps or "
+        f"{fraction_name!r} as a fraction of the workload's step_hint")
+  if fraction is None:
+    return check_int(steps_name, default if steps is None else steps, minimum)
+  fraction = check_float(fraction_name, fraction, **fraction_check)
+  if step_hint is None:
+    raise ValueError(f"hyperparameter {fraction_name!r} is a fraction of the "
+                     "workload's step_hint, and no step_hint was given")
+  return to_steps(fraction, check_int("step_hint", step_hint, 1))
+
+
+def averaging_config(hparams: Any, step_hint: Optional[int] = None) -> AveragingConfig:
+  """What every averager shares: the interval nu, the first step, the placement.
+
+  nu is ``averaging_every`` (steps, default `DEFAULT_AVERAGING_EVERY`) or
+  ``averaging_every_fraction`` f in (0, 1]: nu = max(1, round(f * step_hint)). The
+  first step is ``averaging_start_step`` (default 0) or ``averaging_start_fraction``
+  f in [0, 1): ceil(f * step_hint). Giving both of a pair is an error naming both;
+  ``null`` counts as not given, so a list search space can mix the two forms.
+  ``averaging_placement`` is ``'auto'`` (default, `memory.placement_for`), ``'replicated'``,
+  ``'sharded'`` or ``'host'``.
+  ``None`` (self-tuning) reads `SELF_TUNING_AVERAGING`. The builder reads this once,
+  at ``init_optimizer_state`` with the workload's step_hint, and hands it to the
+  averager's recipe.
+  """
+  if hparams is None:
+    hparams = SELF_TUNING_AVERAGING
   return AveragingConfig(
-      every=check_int("averaging_every",
-                      lookup(hparams, "averaging_every", DEFAULT_AVERAGING_EVERY), 1),
-      start_step=check_int("averaging_start_step",
-                           lookup(hparams, "averaging_start_step",
-                                  DEFAULT_AVERAGING_START_STEP), 0),
-      placement=name)
+      every=_steps_or_fraction(
+          hparams, "averaging_every", "averaging_every_fraction", minimum=1,
+          default=DEFAULT_AVERAGING_EVERY, to_steps=every_steps, step_hint=step_hint,
+          fraction_check=dict(low=0.0, high=1.0, low_open=True)),
+      start_step=_steps_or_fraction(
+          hparams, "averaging_start_step", "averaging_start_fraction", minimum=0,
+          default=DEFAULT_AVERAGING_START_STEP, to_steps=start_steps,
+          step_hint=step_hint, fraction_check=dict(low=0.0, high=1.0, high_open=True)),
+      placement=check_choice("averaging_placement",
+                             lookup(hparams, "averaging_placement",
+                                    DEFAULT_AVERAGING_PLACEMENT),
+                             placement_lib.CHOICES))
 
 
-def ema_from_hyperparameters(hparams: Any, placement: placement_lib.Placement
-                             ) -> averagers.Averager:
-  """`averagers.ema` with ``ema_beta`` (default 0.9) and the shared averaging ones."""
-  cfg = averaging_config(hparams)
-  beta = check_float("ema_beta", lookup(hparams, "ema_beta", DEFAULT_EMA_BETA),
-                     0.0, 1.0, high_open=True)
-  return averagers.ema(beta, every=cfg.every, start_step=cfg.start_step,
-                       placement=placement)
+class EmaConfig(NamedTuple):
+  """The validated EMA hyperparameter: the decay per sample."""
+
+  beta: float
 
 
-def lawa_from_hyperparameters(hparams: Any, placement: placement_lib.Placement
-                              ) -> averagers.Averager:
-  """`averagers.lawa` with ``lawa_k`` (default 20) and the shared averaging ones."""
-  cfg = averaging_config(hparams)
-  k = check_int("lawa_k", lookup(hparams, "lawa_k", DEFAULT_LAWA_K), 1)
-  return averagers.lawa(k, every=cfg.every, start_step=cfg.start_step,
-                        placement=placement)
+def ema_config(hparams: Any) -> EmaConfig:
+  """``ema_beta`` in [0, 1), default `DEFAULT_EMA_BETA`; `SELF_TUNING_EMA` for ``None``."""
+  hparams = SELF_TUNING_EMA if hparams is None else hparams
+  return EmaConfig(beta=check_float("ema_beta",
+                                    lookup(hparams, "ema_beta", DEFAULT_EMA_BETA),
+                                    0.0, 1.0, high_open=True))
+
+
+class LawaConfig(NamedTuple):
+  """The validated LAWA hyperparameter: how many snapshots the mean holds."""
+
+  k: int
+
+
+def lawa_config(hparams: Any) -> LawaConfig:
+  """``lawa_k`` >= 1, default `DEFAULT_LAWA_K`; `SELF_TUNING_LAWA` for ``None``."""
+  hparams = SELF_TUNING_LAWA if hparams is None else hparams
+  return LawaConfig(k=check_int("lawa_k", lookup(hparams, "lawa_k", DEFAULT_LAWA_K), 1))
 
 
 # ----------------------------------------------------------------------------

@@ -24,24 +24,26 @@ so one update, with :math:`g_t` the gradient of step :math:`t = 1, 2, \\dots`, i
 with :math:`\\eta_s` the schedule at the optimizer's own count :math:`s = t - 1`
 (so the first update uses :math:`\\eta_0`, which is 0 with a warmup).
 
+The clipping, the schedule and the step counter are `common`'s, shared with Shampoo.
 Nothing here knows about AlgoPerf's API or about weight averaging.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-Schedule = Callable[[jnp.ndarray], jnp.ndarray]
-ScalarOrSchedule = Union[float, Schedule]
+# global_norm and warmup_cosine_schedule are not used here: they stay importable from this
+# module while its callers move to `common`.
+from weight_averaging.optimizers.common import (ScalarOrSchedule, global_norm,
+                                                safe_increment, scale_by_clipped_global_norm,
+                                                warmup_cosine_schedule)
 
-# Reference constants: Adam's epsilon and the guard in the clipping factor.
+# The reference submission's Adam epsilon.
 EPS = 1e-8
-GRAD_CLIP_EPS = 1e-6
 
 
 class ScaleByNadamState(NamedTuple):
@@ -50,11 +52,6 @@ class ScaleByNadamState(NamedTuple):
   count: jnp.ndarray  # int32, number of updates so far
   mu: optax.Updates
   nu: optax.Updates
-
-
-def _safe_increment(count):
-  # Saturates rather than wrapping to a negative count after 2**31 - 1 steps.
-  return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
 
 
 def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = EPS,
@@ -96,7 +93,7 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = EPS,
     mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
     nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g,
                                 state.nu, updates)
-    count = _safe_increment(state.count)
+    count = safe_increment(state.count)
     look_ahead = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, mu, updates)
     if debias:
       t = count.astype(jnp.float32)
@@ -108,31 +105,6 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = EPS,
     out = jax.tree_util.tree_map(
         lambda m, v: m / (jnp.sqrt(v + eps_root) + eps), look_ahead, nu_hat)
     return out, ScaleByNadamState(count=count, mu=mu, nu=nu)
-
-  return optax.GradientTransformation(init, update)
-
-
-def global_norm(tree) -> jnp.ndarray:
-  """:math:`\\sqrt{\\sum_i \\lVert x_i \\rVert^2}` over the leaves (optax renamed its own)."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def scale_by_clipped_global_norm(max_norm: float) -> optax.GradientTransformation:
-  r"""Scales the whole gradient by :math:`\min(1, c / (\lVert g \rVert_2 + 10^{-6}))`.
-
-  This is the reference submission's clipping (``grad_clip`` = :math:`c`), which
-  differs from `optax.clip_by_global_norm` by the :math:`10^{-6}` guard.
-  """
-
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    del params
-    norm = global_norm(updates)
-    factor = jnp.clip(max_norm / (norm + GRAD_CLIP_EPS), 0.0, 1.0)
-    return jax.tree_util.tree_map(lambda g: (g * factor).astype(g.dtype), updates), state
 
   return optax.GradientTransformation(init, update)
 
@@ -159,36 +131,3 @@ def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
       optax.scale_by_learning_rate(learning_rate),
   ]
   return optax.chain(*parts)
-
-
-def warmup_cosine_schedule(learning_rate: float, warmup_factor: float,
-                           step_hint: int) -> Schedule:
-  r"""Linear warmup from 0, then cosine decay to 0 at `step_hint`.
-
-  With :math:`W = \lfloor \text{warmup\_factor} \cdot T \rfloor` and
-  :math:`D = \max(T - W, 1)`:
-
-  .. math::
-
-    \eta_s = \eta \frac{s}{W} \ (s < W), \qquad
-    \eta_s = \frac{\eta}{2}\Big(1 + \cos\big(\pi \min(s - W, D) / D\big)\Big)
-    \ (s \ge W),
-
-  so the rate is 0 from step :math:`T` on.
-  """
-  warmup_steps = int(warmup_factor * step_hint)
-  warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-  cosine = optax.cosine_decay_schedule(learning_rate,
-                                       max(step_hint - warmup_steps, 1), alpha=0.0)
-  return optax.join_schedules([warmup, cosine], [warmup_steps])
-
-
-def cosine_value(learning_rate: float, warmup_factor: float, step_hint: int,
-                 step: int) -> float:
-  """`warmup_cosine_schedule` in plain Python floats (for checks and plots)."""
-  warmup_steps = int(warmup_factor * step_hint)
-  if step < warmup_steps:
-    return learning_rate * step / warmup_steps
-  decay = max(step_hint - warmup_steps, 1)
-  frac = min(step - warmup_steps, decay) / decay
-  return 0.5 * learning_rate * (1.0 + math.cos(math.pi * frac))

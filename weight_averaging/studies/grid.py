@@ -1,8 +1,9 @@
 """A study grid: submissions x workloads x studies x trials, run through a runner process each.
 
-Each run is one subprocess, non-interactive (stdin closed), its output appended to a log file:
+Each run is one subprocess, non-interactive (stdin closed), its output appended to a log file,
+in its own process group, which is stopped whole when the run ends or run_study is stopped:
 
-* **AlgoPerf workloads** (``runner: official`` in `workloads_config`) go through the official
+* **AlgoPerf workloads** (``runner: official`` in `configs`) go through the official
   ``submission_runner.py`` of an algoperf checkout (``algoperf_dir``, at the commit of the API:
   jit = 2c90454f, pmap = fb2f492a), run from that checkout with this repository on
   ``PYTHONPATH`` so that ``--submission_path=submissions/<api>/<submission>/submission.py``
@@ -12,12 +13,13 @@ Each run is one subprocess, non-interactive (stdin closed), its output appended 
 * **Embedded workloads** (``runner: embedded``) go through ``python -m weight_averaging.runner``,
   one run per study (that runner runs a study's trials in one process).
 
-The layout is the official one, which `weight_averaging.studies.scoring` reads::
+The layout is the official one (`weight_averaging.layout`), which `scoring` reads::
 
   DIR/<submission>/study_<i>/<workload>_jax/trial_<n>/     (--experiment_dir=DIR/<submission>
                                                             --experiment_name=study_<i>)
   DIR/.run_study/search_spaces/<api>/<submission>/<workload>_<search space>.json
   DIR/.run_study/logs/<submission>/study_<i>/<workload>_trial_<n>.log   (appended per attempt)
+  DIR/.run_study/lock      (the pid of the run_study that runs the grid: one at a time)
 
 Study ``i`` (from 0, as AlgoPerf's study scripts count) uses ``--rng_seed=rng_seed + i``; the
 official runner reads seed 0 as "draw a random one", so seeds start at 1 by default.
@@ -47,35 +49,32 @@ with its log file, and the grid goes on.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from weight_averaging.studies import workloads_config as wc
+from weight_averaging import layout, processes
+from weight_averaging.algoperf_api import catalog
+from weight_averaging.studies import checkout, configs, workload_facts
 
-OFFICIAL_RUNNER = "submission_runner.py"
 EMBEDDED_RUNNER_MODULE = "weight_averaging.runner"
 RUN_STUDY_DIR = ".run_study"
-EVAL_FILE = "eval_measurements.csv"
-MEASUREMENTS_FILE = "measurements.csv"
 
 
 @dataclasses.dataclass(frozen=True)
 class GridOptions:
   """What a grid covers and how to run it (the flags of ``scripts/run_study.py``)."""
   experiment_dir: str
-  submissions: Sequence[str] = wc.SUBMISSIONS
-  workloads: Sequence[str] = wc.PAPER_WORKLOADS
+  submissions: Sequence[str] = catalog.NAMES
+  workloads: Sequence[str] = workload_facts.PAPER_WORKLOADS
   num_studies: int = 3
   api: str = "jit"
   search_space: str = "paper"
@@ -86,15 +85,15 @@ class GridOptions:
   num_devices: Optional[int] = None
   rng_seed: int = 1
   save_checkpoints: bool = False
-  config_dir: str = wc.CONFIG_DIR
-  repo_dir: str = wc.REPO
+  config_dir: str = configs.CONFIG_DIR
+  repo_dir: str = configs.REPO
 
 
 class Budget(NamedTuple):
   """What ends a trial: `steps` (None: no step cap), `runtime_sec` and the targets."""
   steps: Optional[int]
   runtime_sec: float
-  target: wc.Target
+  target: configs.Target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +115,8 @@ class Run:
 
   @property
   def label(self) -> str:
-    trials = ",".join(f"trial_{n}" for n in self.trials)
-    return f"{self.submission} {self.workload} study_{self.study} {trials}"
+    trials = ",".join(layout.trial_dir_name(n) for n in self.trials)
+    return f"{self.submission} {self.workload} {layout.study_dir_name(self.study)} {trials}"
 
   def shell_command(self) -> str:
     """The run as one shell line: ``cd CWD && VAR=value ... ARGV``."""
@@ -129,13 +128,14 @@ class Run:
 # Planning: the runs of a grid and their exact command lines.
 
 
-def _check_options(options: GridOptions, configs: Mapping[str, wc.WorkloadConfig]) -> None:
-  if options.api not in wc.APIS:
-    raise ValueError(f"--api must be one of {wc.APIS}, got {options.api!r}")
+def _check_options(options: GridOptions,
+                   workload_configs: Mapping[str, configs.WorkloadConfig]) -> None:
+  if options.api not in configs.APIS:
+    raise ValueError(f"--api must be one of {configs.APIS}, got {options.api!r}")
   if not options.submissions or not options.workloads:
     raise ValueError("--submissions and --workloads must name at least one each")
   for s in options.submissions:
-    wc.split_submission(s)
+    catalog.get(s)
   for name, seq in (("submission", options.submissions), ("workload", options.workloads)):
     duplicates = sorted({x for x in seq if list(seq).count(x) > 1})
     if duplicates:
@@ -148,11 +148,11 @@ def _check_options(options: GridOptions, configs: Mapping[str, wc.WorkloadConfig
     raise ValueError(f"--num_devices must be >= 1, got {options.num_devices}")
   if not options.experiment_dir:
     raise ValueError("--experiment_dir is required")
-  official = [w for w in options.workloads if configs[w].runner == "official"]
+  official = [w for w in options.workloads if workload_configs[w].runner == "official"]
   if official:
     if not options.algoperf_dir:
-      raise ValueError(f"--algoperf_dir (an algoperf checkout with {OFFICIAL_RUNNER}) is "
-                       f"required for {', '.join(official)}")
+      raise ValueError(f"--algoperf_dir (an algoperf checkout with "
+                       f"{checkout.OFFICIAL_RUNNER}) is required for {', '.join(official)}")
     if options.rng_seed < 1:
       raise ValueError(f"--rng_seed must be >= 1 for the official runner, which draws a random "
                        f"seed for 0; got {options.rng_seed}")
@@ -161,37 +161,35 @@ def _check_options(options: GridOptions, configs: Mapping[str, wc.WorkloadConfig
                        f"{', '.join(official)} run on the machine's accelerators")
 
 
-def _budget(config: wc.WorkloadConfig, options: GridOptions) -> Budget:
+def _budget(config: configs.WorkloadConfig, options: GridOptions) -> Budget:
   steps = options.max_global_steps
   if steps is None and config.runner == "embedded":
-    steps = config.step_hint[options.api]  # the embedded runner's default step budget
-  return Budget(steps, config.max_allowed_runtime_sec[options.api], config.target)
+    steps = config.step_hint  # the embedded runner's default step budget
+  return Budget(steps, config.max_allowed_runtime_sec, config.target)
+
+
+def run_study_path(experiment_dir: str, *parts: str) -> str:
+  """``DIR/.run_study/<parts>``: run_study's own files (``lock``, search spaces, logs)."""
+  return os.path.join(os.path.abspath(experiment_dir), RUN_STUDY_DIR, *parts)
 
 
 def _search_space_path(options: GridOptions, submission: str, workload: str) -> str:
-  return os.path.join(os.path.abspath(options.experiment_dir), RUN_STUDY_DIR, "search_spaces",
-                      options.api, submission, f"{workload}_{options.search_space}.json")
+  return run_study_path(options.experiment_dir, "search_spaces", options.api, submission,
+                        f"{workload}_{options.search_space}.json")
 
 
 def _log_path(options: GridOptions, submission: str, workload: str, study: int,
               trials: Sequence[int]) -> str:
-  name = f"{workload}_" + "_".join(f"trial_{n}" for n in trials) + ".log"
-  return os.path.join(os.path.abspath(options.experiment_dir), RUN_STUDY_DIR, "logs",
-                      submission, f"study_{study}", name)
+  name = f"{workload}_" + "_".join(layout.trial_dir_name(n) for n in trials) + ".log"
+  return run_study_path(options.experiment_dir, "logs", submission,
+                        layout.study_dir_name(study), name)
 
 
-def trial_dir(experiment_dir: str, submission: str, study: int, workload: str,
-              trial: int) -> str:
-  """``DIR/<submission>/study_<i>/<workload>_jax/trial_<n>``: the official layout."""
-  return os.path.join(os.path.abspath(experiment_dir), submission, f"study_{study}",
-                      f"{workload}_jax", f"trial_{trial}")
-
-
-def official_argv(options: GridOptions, config: wc.WorkloadConfig, submission: str,
+def official_argv(options: GridOptions, config: configs.WorkloadConfig, submission: str,
                   study: int, trial: int, num_trials: int, search_space_path: str
                   ) -> List[str]:
   """The official runner's command for one trial, with its exact flag names."""
-  argv = [options.python, OFFICIAL_RUNNER,
+  argv = [options.python, checkout.OFFICIAL_RUNNER,
           "--framework=jax",
           f"--workload={config.workload}",
           f"--submission_path=submissions/{options.api}/{submission}/submission.py",
@@ -200,10 +198,10 @@ def official_argv(options: GridOptions, config: wc.WorkloadConfig, submission: s
           f"--hparam_start_index={trial - 1}",
           f"--hparam_end_index={trial}",
           f"--experiment_dir={os.path.join(os.path.abspath(options.experiment_dir), submission)}",
-          f"--experiment_name=study_{study}",
+          f"--experiment_name={layout.study_dir_name(study)}",
           f"--rng_seed={options.rng_seed + study}"]
   argv += [f"--{flag}={path}" for flag, path in
-           wc.data_flags(config, options.data_root).items()]
+           configs.data_flags(config, options.data_root).items()]
   argv += ["--resume_last_run",
            f"--save_checkpoints={'true' if options.save_checkpoints else 'false'}"]
   if options.max_global_steps is not None:
@@ -211,7 +209,7 @@ def official_argv(options: GridOptions, config: wc.WorkloadConfig, submission: s
   return argv
 
 
-def embedded_argv(options: GridOptions, config: wc.WorkloadConfig, submission: str,
+def embedded_argv(options: GridOptions, config: configs.WorkloadConfig, submission: str,
                   study: int, num_trials: int, search_space_path: str) -> List[str]:
   """The embedded runner's command for one study (all its trials)."""
   submission_path = os.path.join(os.path.abspath(options.repo_dir), "submissions", options.api,
@@ -223,7 +221,7 @@ def embedded_argv(options: GridOptions, config: wc.WorkloadConfig, submission: s
           f"--tuning_search_space={search_space_path}",
           f"--num_tuning_trials={num_trials}",
           f"--experiment_dir={os.path.join(os.path.abspath(options.experiment_dir), submission)}",
-          f"--experiment_name=study_{study}",
+          f"--experiment_name={layout.study_dir_name(study)}",
           f"--rng_seed={options.rng_seed + study}",
           f"--api={options.api}",
           "--resume_last_run",
@@ -241,14 +239,15 @@ def plan(options: GridOptions) -> List[Run]:
   Pure apart from reading the configs and search spaces; `ValueError` for a bad option or
   config.
   """
-  configs = {w: wc.load(w, options.config_dir) for w in options.workloads}
-  _check_options(options, configs)
+  workload_configs = {w: configs.load(w, options.config_dir) for w in options.workloads}
+  _check_options(options, workload_configs)
   runs = []
   for study in range(options.num_studies):
     for workload in options.workloads:
-      config = configs[workload]
+      config = workload_configs[workload]
       for submission in options.submissions:
-        points = tuple(wc.search_space(config, submission, options.api, options.search_space))
+        points = tuple(configs.search_space(config, submission, options.api,
+                                            options.search_space))
         ss_path = _search_space_path(options, submission, workload)
         trial_groups = ([(n,) for n in range(1, len(points) + 1)] if config.runner == "official"
                         else [tuple(range(1, len(points) + 1))])
@@ -265,69 +264,28 @@ def plan(options: GridOptions) -> List[Run]:
               submission=submission, workload=workload, study=study, trials=trials,
               runner=config.runner, argv=tuple(argv), cwd=cwd, env=env,
               search_space_path=ss_path, search_space=points,
-              trial_dirs=tuple(trial_dir(options.experiment_dir, submission, study, workload, n)
-                               for n in trials),
+              trial_dirs=tuple(layout.study_trial_dir(options.experiment_dir, submission, study,
+                                                      workload, n) for n in trials),
               log_path=_log_path(options, submission, workload, study, trials),
               budget=_budget(config, options)))
   return runs
 
 
 # ----------------------------------------------------------------------------
-# The official runner's checkout: its flags and its API.
-
-
-_FLAG_DEFINITION = re.compile(r"flags\.DEFINE_\w+\(\s*(?:name\s*=\s*)?['\"](\w+)['\"]")
-
-
-def official_runner_flags(algoperf_dir: str) -> frozenset:
-  """The flag names ``submission_runner.py`` of `algoperf_dir` defines (read, not imported:
-  importing it loads TensorFlow and torch and redefines absl flags)."""
-  path = os.path.join(algoperf_dir, OFFICIAL_RUNNER)
-  if not os.path.isfile(path):
-    raise ValueError(f"{algoperf_dir} is not an algoperf checkout: it has no {OFFICIAL_RUNNER}")
-  with open(path) as f:
-    return frozenset(_FLAG_DEFINITION.findall(f.read()))
-
-
-def algoperf_api(algoperf_dir: str) -> str:
-  """'jit' for a checkout with the jit API (it has ``algoperf/jax_sharding_utils.py``, main
-  since 2c90454f), else 'pmap'."""
-  return ("jit" if os.path.isfile(os.path.join(algoperf_dir, "algoperf", "jax_sharding_utils.py"))
-          else "pmap")
-
-
-def argv_flags(argv: Sequence[str]) -> List[str]:
-  """The names of the ``--name[=value]`` arguments of `argv`."""
-  return [a[2:].split("=", 1)[0] for a in argv if a.startswith("--")]
-
-
-def check_official_checkout(runs: Sequence[Run], algoperf_dir: str, api: str) -> None:
-  """`ValueError` unless the checkout's runner defines every flag the runs pass and its API
-  is `api`: a mismatch would fail in every run, after minutes of start-up."""
-  official = [r for r in runs if r.runner == "official"]
-  if not official:
-    return
-  known = official_runner_flags(algoperf_dir)
-  unknown = sorted({f for r in official for f in argv_flags(r.argv)} - known)
-  if unknown:
-    raise ValueError(f"{os.path.join(algoperf_dir, OFFICIAL_RUNNER)} defines no flag "
-                     f"--{unknown[0]} (of {['--' + f for f in unknown]})")
-  found = algoperf_api(algoperf_dir)
-  if found != api:
-    raise ValueError(f"{algoperf_dir} has the {found} API, but --api={api}: check out "
-                     f"algoperf at {'2c90454f' if api == 'jit' else 'fb2f492a'}")
+# Before a grid: the checkout the official runs go through.
 
 
 def check_checkout(runs: Sequence[Run], options: GridOptions, dry_run: bool = False,
                    report: Callable[[str], None] = print) -> None:
-  """`check_official_checkout` before a grid; a dry run without the checkout only warns, so
-  that commands can be printed on a machine that has none."""
+  """`checkout.check_official_checkout` before a grid; a dry run without the checkout only
+  warns, so that commands can be printed on a machine that has none."""
   if not any(r.runner == "official" for r in runs):
     return
-  if dry_run and not os.path.isfile(os.path.join(options.algoperf_dir, OFFICIAL_RUNNER)):
-    report(f"warning: {options.algoperf_dir} has no {OFFICIAL_RUNNER}; flags not checked")
+  runner = os.path.join(options.algoperf_dir, checkout.OFFICIAL_RUNNER)
+  if dry_run and not os.path.isfile(runner):
+    report(f"warning: {options.algoperf_dir} has no {checkout.OFFICIAL_RUNNER}; flags not checked")
     return
-  check_official_checkout(runs, options.algoperf_dir, options.api)
+  checkout.check_official_checkout(runs, options.algoperf_dir, options.api)
 
 
 # ----------------------------------------------------------------------------
@@ -337,14 +295,6 @@ def check_checkout(runs: Sequence[Run], options: GridOptions, dry_run: bool = Fa
 class TrialState(NamedTuple):
   finished: bool
   reason: str
-
-
-def _read_rows(path: str) -> List[Dict[str, str]]:
-  try:
-    with open(path, newline="") as f:
-      return list(csv.DictReader(f))
-  except (OSError, csv.Error):
-    return []
 
 
 def _number(text: Optional[str]) -> float:
@@ -358,25 +308,25 @@ def _official_end_step(trial: str, metric: str) -> Optional[float]:
   """The step of the official runner's end-of-run row, if ``measurements.csv`` ends with one:
   a ``score`` and no validation metric (eval rows carry both, a submission's own rows no
   score)."""
-  rows = _read_rows(os.path.join(trial, MEASUREMENTS_FILE))
+  rows = layout.read_rows(os.path.join(trial, layout.MEASUREMENTS_FILE))
   if not rows:
     return None
   last = rows[-1]
   if (math.isnan(_number(last.get("score")))
       or not math.isnan(_number(last.get(f"validation/{metric}")))):
     return None
-  return _number(last.get("global_step"))
+  return _number(last.get(layout.STEP_COLUMN))
 
 
 def trial_state(trial: str, budget: Budget) -> TrialState:
   """Whether the trial in directory `trial` ran to one of its runner's stopping rules."""
   if not os.path.isdir(trial):
     return TrialState(False, "not started")
-  rows = _read_rows(os.path.join(trial, EVAL_FILE))
+  rows = layout.read_rows(layout.eval_file(trial))
   if not rows:
-    return TrialState(False, f"no eval logged in {EVAL_FILE}")
+    return TrialState(False, f"no eval logged in {layout.EVAL_FILE}")
   last = rows[-1]
-  step = _number(last.get("global_step"))
+  step = _number(last.get(layout.STEP_COLUMN))
   if budget.steps is not None and step >= budget.steps:
     return TrialState(True, f"reached the step budget ({int(step)} steps)")
   target = budget.target
@@ -385,7 +335,7 @@ def trial_state(trial: str, budget: Budget) -> TrialState:
   test = any(target.reached(_number(r.get(f"test/{target.metric}")), target.test) for r in rows)
   if val and test:
     return TrialState(True, f"reached the validation and test targets (step {int(step)})")
-  if _number(last.get("accumulated_submission_time")) >= budget.runtime_sec:
+  if _number(last.get(layout.TIME_COLUMN)) >= budget.runtime_sec:
     return TrialState(True, f"spent the runtime budget ({budget.runtime_sec:g} s)")
   # A time-out skips the last eval, so the official runner's end row lies past the last eval;
   # an end row at the last eval is a step cap (an earlier, smaller --max_global_steps).
@@ -442,9 +392,9 @@ def execute(run: Run, overwrite: bool = False,
     log.write(f"\n# run_study {datetime.datetime.now().isoformat(timespec='seconds')}: "
               f"{run.shell_command()}\n")
     log.flush()
-    try:
-      rc = subprocess.run(run.argv, cwd=run.cwd, env=env, stdin=subprocess.DEVNULL,
-                          stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    try:  # in its own process group, stopped whole when it ends (or on SIGTERM/SIGINT)
+      rc = processes.call(run.argv, cwd=run.cwd, env=env, stdin=subprocess.DEVNULL,
+                          stdout=log, stderr=subprocess.STDOUT)
     except OSError as e:
       return f"could not start {run.argv[0]}: {e}"
   if rc != 0:

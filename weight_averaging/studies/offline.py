@@ -61,7 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from weight_averaging import averagers
+from weight_averaging import placement
 from weight_averaging import snapshots as snapshots_lib
+from weight_averaging import validation
 
 FORMAT = "weight_averaging.offline/1"
 SCHEMES = ("ema", "lawa")
@@ -244,17 +246,13 @@ def load_workload(name: str, api: str = "jit"):
 def _like(workload, api: str):
   """The unreplicated ``{"params", "model_state"}`` structure the snapshots hold."""
   params, model_state = workload.init_model_fn(jax.random.PRNGKey(0))
-  tree = jax.device_get({"params": params, "model_state": model_state})
-  if api == "pmap":
-    tree = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], tree)
-  return tree
+  tree = {"params": params, "model_state": model_state}
+  return jax.device_get(placement.pmap_unreplicate(tree) if api == "pmap" else tree)
 
 
 def _for_eval(tree, api: str):
-  if api != "pmap":
-    return tree
-  n = jax.local_device_count()
-  return jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), tree)
+  """What `eval_model` takes: under pmap one copy per device (a leading device axis)."""
+  return placement.pmap_replicate(tree) if api == "pmap" else tree
 
 
 def _summary(workload, evals: List[Dict[str, Any]], metric: str) -> Dict[str, Any]:
@@ -298,7 +296,7 @@ def run_offline(snapshot_dir: str, grid: Sequence[GridPoint], workload: Any = No
   """
   if workload is None:
     workload = load_workload(workload_name, api=api)
-  start_step = averagers._check_int("start_step", start_step, 0)  # pylint: disable=protected-access
+  start_step = validation.check_int("start_step", start_step, 0)
   snaps = Snapshots(snapshot_dir, _like(workload, api))
   nu0 = snaps.every
   for point in grid:

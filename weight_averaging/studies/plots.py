@@ -1,10 +1,12 @@
 """The paper's figures from scored studies (`scoring`) and offline-averaging grids (`offline`).
 
-Every function takes the loaded results (plain dicts, as `scoring.load_scores` and the offline
+Every function takes the loaded results (plain dicts, as `scores_file.load` and the offline
 results file give them), draws one figure with matplotlib and saves it as PNG and PDF under
 ``output_dir``; it returns the paths written, or ``[]`` when the results hold nothing to draw
-(e.g. no Shampoo runs for the Shampoo figure), so a study with some of the submissions still
-gets the figures it can have.
+(no Shampoo runs for the Shampoo figure; no curve; no hit, so that every bar or cell would be
+a miss), so a study with some of the submissions still gets the figures it can have and no
+figure is an empty frame. `attempt` gives the reason a figure is not drawn, and `all_figures`
+collects them.
 
 * Figure 1, `validation_curves`: per workload, the validation metric of every study's fastest
   trial against the step, with and without averaging, and the target.
@@ -22,17 +24,41 @@ gets the figures it can have.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-LABELS = {"nadamw": "NadamW", "nadamw_ema": "NadamW + EMA", "nadamw_lawa": "NadamW + LAWA",
-          "shampoo": "Shampoo", "shampoo_ema": "Shampoo + EMA", "shampoo_lawa": "Shampoo + LAWA"}
+from weight_averaging.algoperf_api import catalog
+
+LABELS = {name: catalog.label(name) for name in catalog.NAMES}
 COLORS = {"nadamw": "tab:gray", "nadamw_ema": "tab:blue", "nadamw_lawa": "tab:orange",
           "shampoo": "black", "shampoo_ema": "tab:cyan", "shampoo_lawa": "tab:red"}
 FORMATS = ("png", "pdf")
+
+
+class NothingToDraw(Exception):
+  """The results hold nothing a figure could show; the message says what is missing."""
+
+
+def _figure(draw: Callable[..., List[str]]):
+  """`draw` as a figure function: its paths, or ``[]`` when it raises `NothingToDraw`."""
+  @functools.wraps(draw)
+  def figure(*args, **kwargs):
+    return attempt(figure, *args, **kwargs)[0]
+  figure.draw = draw
+  return figure
+
+
+def attempt(figure, *args, **kwargs) -> Tuple[List[str], Optional[str]]:
+  """``(paths, None)`` when `figure` (a figure function of this module) draws, ``([], why)``
+  when the results hold nothing for it."""
+  try:
+    return figure.draw(*args, **kwargs), None
+  except NothingToDraw as e:
+    return [], str(e)
 
 
 def _pyplot():
@@ -71,30 +97,33 @@ def _grid(n: int):
   return fig, list(axes.flat[:n])
 
 
-def base_of(submission: str) -> Optional[str]:
-  """The submission without averaging: ``nadamw_lawa`` -> ``nadamw``; None for a base."""
-  for suffix in ("_ema", "_lawa"):
-    if submission.endswith(suffix):
-      return submission[:-len(suffix)]
-  return None
+def _curves(scores, w, submissions):
+  """``[(submission, index, curves)]`` of workload `w` with a finite point to draw."""
+  by_sub = scores["results"][w]
+  names = [s for s in (submissions or list(by_sub)) if s in by_sub]
+  out = []
+  for i, s in enumerate(names):
+    curves = [c for c in (study.get("curve") for study in by_sub[s]["studies"].values())
+              if c and any(v is not None for v in c["metric"])]
+    if curves:
+      out.append((s, i, curves))
+  return out
 
 
+@_figure
 def validation_curves(scores: Mapping[str, Any], output_dir: str,
                       submissions: Optional[Sequence[str]] = None) -> List[str]:
-  """Figure 1: validation metric of each study's fastest trial, per workload."""
-  workloads = list(scores["results"])
+  """Figure 1: validation metric of each study's fastest trial, per workload (a panel per
+  workload with a curve)."""
+  drawn = {w: _curves(scores, w, submissions) for w in scores["results"]}
+  workloads = [w for w, curves in drawn.items() if curves]
   if not workloads:
-    return []
+    raise NothingToDraw("no validation curve in the scores (no eval with a metric value)")
   fig, axes = _grid(len(workloads))
   for ax, w in zip(axes, workloads):
     spec = scores["workloads"][w]
-    by_sub = scores["results"][w]
-    names = [s for s in (submissions or list(by_sub)) if s in by_sub]
-    for i, s in enumerate(names):
-      for j, study in enumerate(by_sub[s]["studies"].values()):
-        curve = study.get("curve")
-        if not curve or not curve["global_step"]:
-          continue
+    for s, i, curves in drawn[w]:
+      for j, curve in enumerate(curves):
         ax.plot(curve["global_step"], curve["metric"], color=_color(s, i), lw=1.1, alpha=0.8,
                 label=_label(s) if j == 0 else None)
     ax.axhline(spec["target"], color="k", ls=":", lw=1, label="target")
@@ -123,7 +152,12 @@ def _fraction_bars(scores, output_dir, name, title, pairs) -> List[str]:
                if any(s in scores["results"][w] and b in scores["results"][w]
                       for s, b in pairs)]
   if not workloads:
-    return []
+    raise NothingToDraw(f"no workload has both of any of {pairs}")
+  if all(scores["results"][w][s]["fraction_of_baseline_steps"].get(b) is None
+         for w in workloads for s, b in pairs
+         if s in scores["results"][w] and b in scores["results"][w]):
+    raise NothingToDraw(f"no submission and its base both reached the target (pairs {pairs}): "
+                        "every bar would be a miss")
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(max(5.5, 1.3 * len(workloads) * len(pairs)), 3.8))
   width = 0.8 / len(pairs)
@@ -151,26 +185,35 @@ def _fraction_bars(scores, output_dir, name, title, pairs) -> List[str]:
   return _save(fig, output_dir, name)
 
 
+def _against_base(scores: Mapping[str, Any], optimizer: str) -> List[Tuple[str, str]]:
+  """``(s, base)`` for each averaged submission on `optimizer` scored together with its base
+  (`catalog.base_of`)."""
+  subs = scores["submissions"]
+  return [(s, catalog.base_of(s)) for s in catalog.averaged(optimizer)
+          if s in subs and catalog.base_of(s) in subs]
+
+
+@_figure
 def steps_to_target(scores: Mapping[str, Any], output_dir: str) -> List[str]:
   """Figure 2: NadamW + EMA / LAWA steps to target as a fraction of NadamW's."""
-  pairs = [(s, "nadamw") for s in ("nadamw_ema", "nadamw_lawa")
-           if s in scores["submissions"]]
-  if "nadamw" not in scores["submissions"] or not pairs:
-    return []
+  pairs = _against_base(scores, "nadamw")
+  if not pairs:
+    raise NothingToDraw("no NadamW + EMA or NadamW + LAWA runs scored with NadamW")
   return _fraction_bars(scores, output_dir, "fig2_steps_to_target",
                         "Steps to target / NadamW (median, studies)", pairs)
 
 
+@_figure
 def shampoo(scores: Mapping[str, Any], output_dir: str) -> List[str]:
   """Figure 5: Shampoo + EMA / LAWA against Shampoo (and Shampoo against NadamW)."""
   subs = scores["submissions"]
   if "shampoo" not in subs:
-    return []
-  pairs = [(s, "shampoo") for s in ("shampoo_ema", "shampoo_lawa") if s in subs]
+    raise NothingToDraw("no Shampoo runs")
+  pairs = _against_base(scores, "shampoo")
   if "nadamw" in subs:
     pairs.insert(0, ("shampoo", "nadamw"))
   if not pairs:
-    return []
+    raise NothingToDraw("no Shampoo + EMA / LAWA or NadamW runs to compare Shampoo with")
   return _fraction_bars(scores, output_dir, "fig5_shampoo",
                         "Averaging on Shampoo: steps to target", pairs)
 
@@ -182,15 +225,9 @@ def _relative(point, baseline_steps):
   return steps / baseline_steps
 
 
-def window_vs_speedup(offline_results: Sequence[Mapping[str, Any]], output_dir: str,
-                      step_hints: Optional[Mapping[str, int]] = None) -> List[str]:
-  """Figure 3: relative steps to target against the window / step hint, per offline run."""
-  runs = [r for r in offline_results if r.get("grid")]
-  if not runs:
-    return []
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  markers = {"lawa": "o", "ema": "^"}
+def _window_points(runs, step_hints):
+  """``[(run index, run, scheme, [(window / hint, relative steps)])]`` where some point hit."""
+  out = []
   for i, run in enumerate(runs):
     base = (run.get("baseline") or {}).get("steps_to_target")
     hint = (step_hints or {}).get(run.get("workload")) or run.get("step_hint")
@@ -199,9 +236,28 @@ def window_vs_speedup(offline_results: Sequence[Mapping[str, Any]], output_dir: 
                 for p in run["grid"] if p["scheme"] == scheme]
       points = [(x, y) for x, y in points if y is not None]
       if points:
-        xs, ys = zip(*points)
-        ax.scatter(xs, ys, marker=markers[scheme], color=f"C{i}", alpha=0.8,
-                   label=f"{run.get('workload', '?')} {scheme.upper()}")
+        out.append((i, run, scheme, points))
+  return out
+
+
+@_figure
+def window_vs_speedup(offline_results: Sequence[Mapping[str, Any]], output_dir: str,
+                      step_hints: Optional[Mapping[str, int]] = None) -> List[str]:
+  """Figure 3: relative steps to target against the window / step hint, per offline run."""
+  runs = [r for r in offline_results if r.get("grid")]
+  if not runs:
+    raise NothingToDraw("no offline-averaging grid (scripts/offline_average.py results)")
+  series = _window_points(runs, step_hints)
+  if not series:
+    raise NothingToDraw("no offline grid point with a relative speed-up: the runs without "
+                        "averaging, or every grid point, missed the target")
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  markers = {"lawa": "o", "ema": "^"}
+  for i, run, scheme, points in series:
+    xs, ys = zip(*points)
+    ax.scatter(xs, ys, marker=markers[scheme], color=f"C{i}", alpha=0.8,
+               label=f"{run.get('workload', '?')} {scheme.upper()}")
   ax.axhline(1.0, color="k", lw=1, ls=":")
   ax.set_xscale("log")
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
@@ -235,6 +291,12 @@ def _heatmap(ax, points, row_key, col_key, base, title):
   return image
 
 
+def heatmaps_name(offline_result: Mapping[str, Any]) -> str:
+  """The name of `offline_heatmaps`' figure for one offline run."""
+  return f"fig10_11_heatmaps_{offline_result.get('workload', 'offline')}"
+
+
+@_figure
 def offline_heatmaps(offline_result: Mapping[str, Any], output_dir: str) -> List[str]:
   """Figures 10-11: relative steps to target over (nu, k) for LAWA and (nu, beta) for EMA."""
   base = (offline_result.get("baseline") or {}).get("steps_to_target")
@@ -243,7 +305,12 @@ def offline_heatmaps(offline_result: Mapping[str, Any], output_dir: str) -> List
   panels = [(lawa, "k", "LAWA"), (ema, "beta", "EMA")]
   panels = [p for p in panels if p[0]]
   if not panels:
-    return []
+    raise NothingToDraw("the offline results hold no grid point")
+  if not base:
+    raise NothingToDraw("the run without averaging never reached the target: steps relative "
+                        "to it are undefined")
+  if all(p.get("steps_to_target") is None for p in lawa + ema):
+    raise NothingToDraw("no grid point reached the target: every cell would be a miss")
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.2),
                            squeeze=False, layout="constrained")
@@ -254,23 +321,26 @@ def offline_heatmaps(offline_result: Mapping[str, Any], output_dir: str) -> List
   fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
   fig.suptitle(f"{offline_result.get('workload', '')} {offline_result.get('submission', '')} "
                f"(offline, snapshots every {offline_result.get('snapshot_every', '?')})")
-  workload = offline_result.get("workload", "offline")
-  return _save(fig, output_dir, f"fig10_11_heatmaps_{workload}")
+  return _save(fig, output_dir, heatmaps_name(offline_result))
 
 
 def all_figures(scores: Optional[Mapping[str, Any]], offline_results: Sequence[Mapping[str, Any]],
-                output_dir: str) -> Dict[str, List[str]]:
-  """Every figure the results allow; ``{figure: [paths]}`` (empty lists for the others)."""
-  figures: Dict[str, List[str]] = {}
-  if scores is not None:
-    figures["fig1_validation_curves"] = validation_curves(scores, output_dir)
-    figures["fig2_steps_to_target"] = steps_to_target(scores, output_dir)
-    figures["fig5_shampoo"] = shampoo(scores, output_dir)
+                output_dir: str, skipped: Optional[Dict[str, str]] = None
+                ) -> Dict[str, List[str]]:
+  """Every figure the results allow; ``{figure: [paths]}``, an empty list for a figure not
+  drawn, and its reason in `skipped` (when given) under the same name."""
   hints = ({w: spec.get("step_hint") for w, spec in scores["workloads"].items()}
            if scores is not None else None)
-  figures["fig3_window_vs_speedup"] = window_vs_speedup(offline_results, output_dir, hints)
-  for result in offline_results:
-    paths = offline_heatmaps(result, output_dir)
-    if paths:
-      figures[os.path.splitext(os.path.basename(paths[0]))[0]] = paths
+  calls = []
+  if scores is not None:
+    calls += [("fig1_validation_curves", validation_curves, (scores, output_dir)),
+              ("fig2_steps_to_target", steps_to_target, (scores, output_dir)),
+              ("fig5_shampoo", shampoo, (scores, output_dir))]
+  calls.append(("fig3_window_vs_speedup", window_vs_speedup, (offline_results, output_dir, hints)))
+  calls += [(heatmaps_name(r), offline_heatmaps, (r, output_dir)) for r in offline_results]
+  figures: Dict[str, List[str]] = {}
+  for name, figure, args in calls:
+    figures[name], why = attempt(figure, *args)
+    if why is not None and skipped is not None:
+      skipped[name] = why
   return figures

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from weight_averaging import placement
+
 try:  # Use AlgoPerf's own enums where it is installed, so its submissions see them.
   from algoperf import spec as _algoperf_spec
 except ImportError:  # pragma: no cover - depends on the environment
@@ -94,13 +96,6 @@ def split_data(split: str):
   if split == "eval_train":
     return inputs[:SPLIT_SIZES["eval_train"]], targets[:SPLIT_SIZES["eval_train"]]
   return inputs, targets
-
-
-def replicate(tree):
-  """A leading local-device axis on every leaf, as pmap's workloads return params."""
-  n = jax.local_device_count()
-  stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), tree)
-  return jax.pmap(lambda x: x)(stacked)
 
 
 class TeacherStudentWorkload:
@@ -170,7 +165,7 @@ class TeacherStudentWorkload:
     del dropout_rate, aux_dropout_rate  # dropout is a model_fn argument here
     params = self._init_params(rng)
     if self.api == "pmap":
-      params = replicate(params)
+      params = placement.pmap_replicate(params)
     else:
       params = jax.device_put(params, NamedSharding(self.mesh(), PartitionSpec()))
     return params, None

@@ -7,20 +7,26 @@ sees all devices in `jax.devices()` and addresses only its own
 only
 
 * read where the coordinator is and which process this is, from arguments or from
-  the environment the launcher (`weight_averaging.launch`) or a cluster sets;
+  the environment the launcher (`weight_averaging.runner.launch`) or a cluster sets;
 * turn on cross-process collectives for the CPU backend (gloo);
 * fail with a clear error, within a bounded time, when the coordinator cannot be
   reached (JAX itself aborts the process with a message about missing heartbeats);
 * give the runner its few cross-process primitives: a barrier, a broadcast from
-  process 0 and "am I the process that writes files".
+  process 0 and "am I the process that writes files";
+* ask XLA for simulated CPU devices (`with_device_count`, `simulate_devices`);
+* end a failed process at once (`exit_at_once_on_failure`): the other processes would
+  otherwise keep it alive, waiting for it in a collective, until a timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 import time
-from typing import Mapping, NamedTuple, Optional
+import traceback
+from typing import Iterator, Mapping, NamedTuple, Optional
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"  # read by jax.distributed itself too
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -52,6 +58,21 @@ def with_device_count(xla_flags: str, num_devices: int) -> str:
   return " ".join(kept + [f"{DEVICE_COUNT_FLAG}={num_devices}"])
 
 
+def simulate_devices(num_devices: Optional[int]) -> None:
+  """Asks XLA for `num_devices` CPU devices (None: leave the count as it is); must run
+  before JAX starts its backend.
+
+  Raises:
+    ValueError: `num_devices` < 1, named as the flag ``--num_devices``.
+  """
+  if num_devices is None:
+    return
+  if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+    raise ValueError(f"--num_devices must be an integer >= 1, got {num_devices!r} (leave "
+                     "it unset to keep the machine's devices)")
+  os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), num_devices)
+
+
 def _int_or_none(name: str, value) -> Optional[int]:
   if value is None or value == "":
     return None
@@ -68,7 +89,7 @@ def config_from(coordinator_address: Optional[str] = None,
   """The multi-process set-up from arguments, else the environment; None for one process.
 
   An argument left ``None`` is read from ``JAX_COORDINATOR_ADDRESS``,
-  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (what `weight_averaging.launch`
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (what `weight_averaging.runner.launch`
   sets). One process (``num_processes`` unset or 1) needs no coordinator.
 
   Raises:
@@ -195,8 +216,37 @@ def initialize(config: Optional[Config], timeout_s: float = 300.0) -> bool:
   return True
 
 
+@contextlib.contextmanager
+def exit_at_once_on_failure() -> Iterator[None]:
+  """With several processes, an exception in the block ends this process at once.
+
+  A process that raises would otherwise exit through `jax.distributed`'s shutdown,
+  which waits for the other processes, while they wait for it in a collective: the
+  run hangs until a key-value timeout (about two minutes). Here the traceback is
+  printed and the process ends with `os._exit` (status 1, or the `SystemExit` code), so
+  the launcher or the cluster sees the failure now and stops the others. With one
+  process the exception propagates as usual.
+  """
+  try:
+    yield
+  except BaseException as e:  # pylint: disable=broad-except
+    code = e.code if isinstance(e, SystemExit) else 1
+    if code in (0, None) or process_count() <= 1:
+      raise
+    traceback.print_exc()
+    print(f"process {process_index()} of {process_count()} failed; exiting now",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code if isinstance(code, int) else 1)  # pylint: disable=protected-access
+
+
 # ----------------------------------------------------------------------------
 # What the runner needs once processes are up.
+
+
+def process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
 
 
 def process_count() -> int:

@@ -5,12 +5,6 @@ One file per workload holds what a study on it needs and the paper fixes:
 * ``workload``: the name, equal to the file's stem;
 * ``runner``: ``"official"`` (AlgoPerf's ``submission_runner.py``) or ``"embedded"``
   (``weight_averaging.runner``);
-* ``step_hint`` and ``max_allowed_runtime_sec``: ``{"jit": int, "pmap": int}``, the values of
-  each API's algoperf code (jit: main at 2c90454f, pmap: main at fb2f492a; the two agree on every
-  workload, both carry the step hints of 2025-02). ``step_hint_v05`` (optional) is the v0.5 hint
-  the paper's runs used;
-* ``target``: ``{"metric", "validation", "test", "minimize"}``, the workload's targets, so that a
-  study driver can tell a run that stopped at its targets from one that was cut short;
 * ``nadamw`` and ``shampoo``: ``{"point": int, "source": str, "hyperparameters": {...}}``, the
   optimizer's point the paper used on this workload (the fastest of the five published points
   in the v0.5 logs, ``point`` numbering them from 1 as in ``tuning_search_spaces/``; Meta's
@@ -22,6 +16,11 @@ One file per workload holds what a study on it needs and the paper fixes:
   ``librispeech_tokenizer_vocab_path``) with a ``{data_root}`` placeholder the user fills;
 * ``notes`` (optional): free text.
 
+What the workload's own code fixes is not restated here: the step hint, the runtime budget and
+the targets (``WorkloadConfig.step_hint``, ``max_allowed_runtime_sec``, ``step_hint_v05``,
+``target``) come from `weight_averaging.studies.workload_facts`, AlgoPerf's workloads from its
+table and the embedded one from its class; a file that states them is refused.
+
 **The averaging rule** (paper App. B: window ``nu * k`` about 1% of training; LAWA ``k = 20``,
 EMA ``beta = 0.9``): ``nu = round(0.01 * step_hint / 20)``, the same ``nu`` for EMA, whose
 samples lie on average ``beta / (1 - beta) = 9`` samples back, like LAWA's ``(k - 1) / 2 = 9.5``.
@@ -32,8 +31,8 @@ poor for EMA, so it uses nu = 4 with k = 10 (a 2% window). Each file spells its 
 
 A file that is missing, unreadable, has an unknown or missing key, or a bad value raises a
 `ValueError` naming the file and the key. The points are checked with the same validators the
-submissions use (`weight_averaging.algoperf_api.hyperparameters`), so a point that loads here is
-one the submission accepts.
+submissions use (`weight_averaging.algoperf_api.hyperparameters`, on `weight_averaging.validation`),
+so a point that loads here is one the submission accepts.
 """
 
 from __future__ import annotations
@@ -45,7 +44,10 @@ import re
 import string
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
+from weight_averaging import validation
+from weight_averaging.algoperf_api import catalog
 from weight_averaging.algoperf_api import hyperparameters as hp
+from weight_averaging.studies import workload_facts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(REPO, "workloads_config")
@@ -53,19 +55,14 @@ SEARCH_SPACE_DIR = os.path.join(REPO, "tuning_search_spaces")
 
 APIS = ("jit", "pmap")
 RUNNERS = ("official", "embedded")
-SUBMISSIONS = ("nadamw", "nadamw_ema", "nadamw_lawa", "shampoo", "shampoo_ema", "shampoo_lawa")
-OPTIMIZERS = ("nadamw", "shampoo")
-# The seven AlgoPerf workloads of the paper (imagenet_resnet is left out: no baseline reaches it).
-PAPER_WORKLOADS = ("criteo1tb", "fastmri", "imagenet_vit", "librispeech_conformer",
-                   "librispeech_deepspeech", "ogbg", "wmt")
-EMBEDDED_WORKLOADS = ("teacher_student",)
 # The official runner's data flags a config may set.
 DATA_FLAGS = ("data_dir", "imagenet_v2_data_dir", "librispeech_tokenizer_vocab_path")
 DATA_PLACEHOLDERS = ("data_root",)
 
-_REQUIRED = ("workload", "runner", "step_hint", "max_allowed_runtime_sec", "target", "nadamw",
-             "shampoo", "averaging", "data_flags")
-_OPTIONAL = ("step_hint_v05", "notes")
+_REQUIRED = ("workload", "runner") + catalog.OPTIMIZERS + ("averaging", "data_flags")
+_OPTIONAL = ("notes",)
+# The workload's own facts (`workload_facts`), which a config file must not restate.
+_FACTS = ("step_hint", "step_hint_v05", "max_allowed_runtime_sec", "target")
 _AVERAGING_REQUIRED = ("averaging_every", "lawa_k", "ema_beta", "averaging_start_step")
 _AVERAGING_OPTIONAL = ("averaging_placement", "arithmetic")
 _AVERAGING_NAMES = _AVERAGING_REQUIRED + ("averaging_placement",)
@@ -76,14 +73,18 @@ class Target(NamedTuple):
   """A workload's targets: `metric` without its split prefix, e.g. ``'bleu'``."""
   metric: str
   validation: float
-  test: float
+  test: Optional[float]   # None: the workload has no test target
   minimize: bool
+  strict: bool = True
 
-  def reached(self, value: float, split_target: float) -> bool:
-    """Whether `value` beats `split_target` (strictly, as AlgoPerf's workloads compare)."""
+  def reached(self, value: float, split_target: Optional[float]) -> bool:
+    """Whether `value` meets `split_target` by the workload's own rule
+    (`workload_facts.target_met`); a split without a target is always met."""
+    if split_target is None:
+      return True
     if value is None or math.isnan(value):
       return False
-    return value < split_target if self.minimize else value > split_target
+    return bool(workload_facts.target_met(value, split_target, self.minimize, self.strict))
 
 
 class Averaging(NamedTuple):
@@ -101,11 +102,11 @@ class OptimizerPoint(NamedTuple):
 
 
 class WorkloadConfig(NamedTuple):
-  """A validated `workloads_config/<workload>.json`."""
+  """A validated `workloads_config/<workload>.json`, with the workload's facts."""
   workload: str
   runner: str
-  step_hint: Dict[str, int]
-  max_allowed_runtime_sec: Dict[str, float]
+  step_hint: int
+  max_allowed_runtime_sec: float
   target: Target
   optimizers: Dict[str, OptimizerPoint]  # 'nadamw' / 'shampoo'
   averaging: Averaging
@@ -113,9 +114,9 @@ class WorkloadConfig(NamedTuple):
   step_hint_v05: Optional[int]
   path: str
 
-  def window_fraction(self, api: str) -> float:
-    """LAWA's averaging window ``nu * k`` as a fraction of the API's step hint."""
-    return self.averaging.every * self.averaging.lawa_k / self.step_hint[api]
+  def window_fraction(self) -> float:
+    """LAWA's averaging window ``nu * k`` as a fraction of the step hint."""
+    return self.averaging.every * self.averaging.lawa_k / self.step_hint
 
 
 # ----------------------------------------------------------------------------
@@ -143,19 +144,6 @@ def _check_keys(path: str, mapping: Any, required, optional=(), prefix: str = ""
     _fail(path, prefix + unknown[0], f"unknown key (allowed: {sorted(required + optional)})")
 
 
-def _check_number(path: str, key: str, value: Any, minimum: float) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-      or value < minimum:
-    _fail(path, key, f"must be a number >= {minimum}, got {value!r}")
-  return value
-
-
-def _check_int(path: str, key: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    _fail(path, key, f"must be an integer >= {minimum}, got {value!r}")
-  return value
-
-
 def _per_api(path: str, key: str, value: Any, check) -> Dict[str, Any]:
   """A ``{"jit": ..., "pmap": ...}`` field, each value passed through `check`."""
   _check_keys(path, value, APIS, prefix=key + ".")
@@ -163,7 +151,8 @@ def _per_api(path: str, key: str, value: Any, check) -> Dict[str, Any]:
 
 
 def _hparam_check(path: str, key: str, fn, *args) -> Any:
-  """Runs a validator of `hyperparameters`, re-raising its error with the file and key."""
+  """Runs a validator (`validation`, `hyperparameters`), re-raising its error with the file
+  and key."""
   try:
     return fn(*args)
   except ValueError as e:
@@ -174,21 +163,21 @@ def _hparam_check(path: str, key: str, fn, *args) -> Any:
 # Parsing the parts of a file.
 
 
-def _parse_target(path: str, value: Any) -> Target:
-  _check_keys(path, value, ("metric", "validation", "test", "minimize"), prefix="target.")
-  if not isinstance(value["metric"], str) or not _NAME.match(value["metric"]):
-    _fail(path, "target.metric", f"must be a metric name like 'bleu', got {value['metric']!r}")
-  if not isinstance(value["minimize"], bool):
-    _fail(path, "target.minimize", f"must be true or false, got {value['minimize']!r}")
-  return Target(value["metric"],
-                float(_check_number(path, "target.validation", value["validation"], -math.inf)),
-                float(_check_number(path, "target.test", value["test"], -math.inf)),
-                value["minimize"])
+def _facts(path: str, name: str, raw: Mapping[str, Any]) -> workload_facts.WorkloadFacts:
+  """The workload's own facts; `ValueError` for a file that restates them."""
+  stated = [k for k in _FACTS if k in raw]
+  if stated:
+    _fail(path, stated[0], "is the workload's own fact: it comes from "
+                           "weight_averaging.studies.workload_facts, not the config file")
+  try:
+    return workload_facts.facts(name)
+  except ValueError as e:
+    _fail(path, "workload", str(e))
 
 
 def _parse_optimizer(path: str, name: str, value: Any) -> OptimizerPoint:
   _check_keys(path, value, ("point", "source", "hyperparameters"), prefix=name + ".")
-  point = _check_int(path, f"{name}.point", value["point"], 1)
+  point = _hparam_check(path, f"{name}.point", validation.check_int, "point", value["point"], 1)
   if not isinstance(value["source"], str):
     _fail(path, f"{name}.source", f"must be a string, got {value['source']!r}")
   hparams = value["hyperparameters"]
@@ -206,12 +195,12 @@ def _parse_optimizer(path: str, name: str, value: Any) -> OptimizerPoint:
 
 def _parse_averaging(path: str, value: Any) -> Averaging:
   _check_keys(path, value, _AVERAGING_REQUIRED, _AVERAGING_OPTIONAL, prefix="averaging.")
-  every = _hparam_check(path, "averaging.averaging_every", hp.check_int, "averaging_every",
-                        value["averaging_every"], 1)
-  k = _hparam_check(path, "averaging.lawa_k", hp.check_int, "lawa_k", value["lawa_k"], 1)
-  beta = _hparam_check(path, "averaging.ema_beta", lambda v: hp.check_float(
+  every = _hparam_check(path, "averaging.averaging_every", validation.check_int,
+                        "averaging_every", value["averaging_every"], 1)
+  k = _hparam_check(path, "averaging.lawa_k", validation.check_int, "lawa_k", value["lawa_k"], 1)
+  beta = _hparam_check(path, "averaging.ema_beta", lambda v: validation.check_float(
       "ema_beta", v, 0.0, 1.0, high_open=True), value["ema_beta"])
-  start = _hparam_check(path, "averaging.averaging_start_step", hp.check_int,
+  start = _hparam_check(path, "averaging.averaging_start_step", validation.check_int,
                         "averaging_start_step", value["averaging_start_step"], 0)
   placement = {api: hp.DEFAULT_AVERAGING_PLACEMENT for api in APIS}
   if "averaging_placement" in value:
@@ -246,8 +235,8 @@ def _parse_data_flags(path: str, value: Any, runner: str) -> Dict[str, str]:
 
 
 def parse_config(raw: Any, path: str, expected_name: Optional[str] = None) -> WorkloadConfig:
-  """Validates a decoded config file; `path` names it in errors."""
-  _check_keys(path, raw, _REQUIRED, _OPTIONAL)
+  """Validates a decoded config file and adds the workload's facts; `path` names it in errors."""
+  _check_keys(path, raw, _REQUIRED, _OPTIONAL + _FACTS)
   name = raw["workload"]
   if not isinstance(name, str) or not _NAME.match(name):
     _fail(path, "workload", f"must be a workload name, got {name!r}")
@@ -256,22 +245,18 @@ def parse_config(raw: Any, path: str, expected_name: Optional[str] = None) -> Wo
   runner = raw["runner"]
   if runner not in RUNNERS:
     _fail(path, "runner", f"must be one of {RUNNERS}, got {runner!r}")
-  step_hint = _per_api(path, "step_hint", raw["step_hint"],
-                       lambda p, k, v: _check_int(p, k, v, 1))
-  runtime = _per_api(path, "max_allowed_runtime_sec", raw["max_allowed_runtime_sec"],
-                     lambda p, k, v: float(_check_number(p, k, v, 1)))
-  v05 = raw.get("step_hint_v05")
-  if v05 is not None:
-    _check_int(path, "step_hint_v05", v05, 1)
   if "notes" in raw and not isinstance(raw["notes"], str):
     _fail(path, "notes", f"must be a string, got {raw['notes']!r}")
+  facts = _facts(path, name, raw)
   return WorkloadConfig(
-      workload=name, runner=runner, step_hint=step_hint, max_allowed_runtime_sec=runtime,
-      target=_parse_target(path, raw["target"]),
-      optimizers={o: _parse_optimizer(path, o, raw[o]) for o in OPTIMIZERS},
+      workload=name, runner=runner, step_hint=facts.step_hint,
+      max_allowed_runtime_sec=facts.max_allowed_runtime_sec,
+      target=Target(facts.metric, facts.validation_target, facts.test_target, facts.minimize,
+                    facts.strict),
+      optimizers={o: _parse_optimizer(path, o, raw[o]) for o in catalog.OPTIMIZERS},
       averaging=_parse_averaging(path, raw["averaging"]),
       data_flags=_parse_data_flags(path, raw["data_flags"], runner),
-      step_hint_v05=v05, path=path)
+      step_hint_v05=facts.step_hint_v05, path=path)
 
 
 # ----------------------------------------------------------------------------
@@ -309,14 +294,6 @@ def load_all(config_dir: str = CONFIG_DIR) -> Dict[str, WorkloadConfig]:
 # What a trial uses.
 
 
-def split_submission(submission: str) -> Tuple[str, Optional[str]]:
-  """``'nadamw_lawa'`` -> ``('nadamw', 'lawa')``; `ValueError` for an unknown submission."""
-  if submission not in SUBMISSIONS:
-    raise ValueError(f"unknown submission {submission!r}; known: {', '.join(SUBMISSIONS)}")
-  optimizer, _, averager = submission.partition("_")
-  return optimizer, averager or None
-
-
 def _check_api(api: str) -> None:
   if api not in APIS:
     raise ValueError(f"api must be one of {APIS}, got {api!r}")
@@ -341,9 +318,9 @@ def trial_hyperparameters(config: WorkloadConfig, submission: str, api: str) -> 
   The optimizer's point of the config plus, for ``*_ema`` and ``*_lawa``, the averaging ones.
   """
   _check_api(api)
-  optimizer, averager = split_submission(submission)
-  point = dict(config.optimizers[optimizer].hyperparameters)
-  point.update(averaging_hyperparameters(config, averager, api))
+  sub = catalog.get(submission)
+  point = dict(config.optimizers[sub.optimizer].hyperparameters)
+  point.update(averaging_hyperparameters(config, sub.averager, api))
   return point
 
 
@@ -375,15 +352,15 @@ def search_space(config: WorkloadConfig, submission: str, api: str, which: str =
   _check_api(api)
   if which not in SEARCH_SPACES:
     raise ValueError(f"search space must be one of {SEARCH_SPACES}, got {which!r}")
-  optimizer, averager = split_submission(submission)
+  sub = catalog.get(submission)
   if which == "paper":
     points = [trial_hyperparameters(config, submission, api)]
   else:
-    extra = averaging_hyperparameters(config, averager, api)
-    points = [dict(p, **extra) for p in official_points(config, optimizer, search_space_dir)]
+    extra = averaging_hyperparameters(config, sub.averager, api)
+    points = [dict(p, **extra) for p in official_points(config, sub.optimizer, search_space_dir)]
   for i, point in enumerate(points, start=1):
     where = f"{config.path}: {submission} point {i}"
-    validate = hp.nadamw_config if optimizer == "nadamw" else hp.shampoo_config
+    validate = hp.nadamw_config if sub.optimizer == "nadamw" else hp.shampoo_config
     _hparam_check(where, "hyperparameters", validate, point)
     _hparam_check(where, "hyperparameters", hp.averaging_config, point)
   return points

@@ -1,6 +1,6 @@
 """Starts N processes of one command on this machine, as a cluster would start them.
 
-``python -m weight_averaging.launch --num_processes 2 --devices_per_process 2 -- \\
+``python -m weight_averaging.runner.launch --num_processes 2 --devices_per_process 2 -- \\
     python -m weight_averaging.runner --submission_path=... ...``
 
 Each process gets, in its environment:
@@ -10,26 +10,29 @@ Each process gets, in its environment:
 * ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo``: collectives across processes;
 * ``JAX_COORDINATOR_ADDRESS`` (process 0 serves it; a free localhost port unless
   ``--coordinator_address`` says otherwise), ``JAX_NUM_PROCESSES`` and
-  ``JAX_PROCESS_ID``, which `weight_averaging.distributed.config_from` (and so the
+  ``JAX_PROCESS_ID``, which `weight_averaging.runner.distributed.config_from` (and so the
   runner) reads.
 
 The tokens ``{process_id}``, ``{num_processes}`` and ``{coordinator_address}`` in
-the command are replaced per process. If one process fails, the others are
-stopped (they would otherwise wait for it in a collective); the launcher exits
-with the first failure's status (128 + signal for a process killed by a signal).
+the command are replaced per process. Each process leads its own process group,
+and stopping a process stops its whole group (anything it started, too). If one
+process fails, the others are stopped (they would otherwise wait for it in a
+collective); the launcher exits with the first failure's status (128 + signal for a
+process killed by a signal). SIGTERM or SIGINT to the launcher stops every group,
+and it exits with 128 + that signal. When it ends, however it ends, no process it
+started is left running (unless the launcher itself is SIGKILLed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import time
 from typing import List, Optional, Sequence
 
-from weight_averaging import distributed
+from weight_averaging import processes
+from weight_averaging.runner import distributed
 
 
 def _check_positive(name: str, value: int) -> int:
@@ -69,27 +72,14 @@ def _status(returncode: int) -> int:
   return 128 - returncode if returncode < 0 else returncode
 
 
-def _stop(procs, grace_s: float) -> None:
-  """SIGTERM to every live process, then SIGKILL after `grace_s`."""
-  for p in procs:
-    if p.poll() is None:
-      p.send_signal(signal.SIGTERM)
-  deadline = time.monotonic() + grace_s
-  for p in procs:
-    try:
-      p.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      p.kill()
-      p.wait()
-
-
 def launch(command: Sequence[str], num_processes: int, devices_per_process: int = 1,
            coordinator_address: Optional[str] = None, timeout_s: Optional[float] = None,
            grace_s: float = 5.0, env: Optional[dict] = None) -> int:
   """Runs `command` as `num_processes` processes; returns the group's exit status.
 
   0 when every process exits 0; otherwise the status of the first process to fail
-  (the others are stopped), or 124 when `timeout_s` passes first.
+  (the others are stopped), 124 when `timeout_s` passes first, or 128 + signum when
+  the launcher gets SIGTERM or SIGINT. Every process group is stopped before it returns.
   """
   _check_positive("num_processes", num_processes)
   _check_positive("devices_per_process", devices_per_process)
@@ -101,51 +91,50 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int 
   distributed.split_address(address)
   base = dict(os.environ if env is None else env)
   procs = []
-  previous = {}
-
-  def forward(signum, frame):
-    del frame
-    _stop(procs, grace_s)
-    sys.exit(128 + signum)
-
-  for signum in (signal.SIGTERM, signal.SIGINT):
-    previous[signum] = signal.signal(signum, forward)
-  try:
-    for pid in range(num_processes):
-      procs.append(subprocess.Popen(
-          process_command(command, pid, num_processes, address),
-          env=process_env(base, pid, num_processes, devices_per_process, address)))
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-      codes = [p.poll() for p in procs]
-      failed = [c for c in codes if c not in (None, 0)]
-      if failed:
-        _stop(procs, grace_s)
-        return _status(failed[0])
-      if all(c == 0 for c in codes):
-        return 0
-      if deadline is not None and time.monotonic() > deadline:
-        print(f"weight_averaging.launch: timed out after {timeout_s:g} s; stopping "
-              f"{num_processes} processes", file=sys.stderr)
-        _stop(procs, grace_s)
-        return 124
-      time.sleep(0.05)
-  finally:
-    _stop(procs, grace_s)
-    for signum, handler in previous.items():
-      signal.signal(signum, handler)
+  with processes.signals_raise():
+    try:
+      try:
+        for pid in range(num_processes):
+          procs.append(processes.start(
+              process_command(command, pid, num_processes, address),
+              env=process_env(base, pid, num_processes, devices_per_process, address)))
+        return _wait(procs, timeout_s)
+      finally:
+        processes.stop(procs, grace_s)
+    except processes.Terminated as e:
+      print(f"weight_averaging.runner.launch: {e}; stopped {num_processes} processes",
+            file=sys.stderr)
+      return e.exit_status
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if "--" not in argv:
-    print("usage: python -m weight_averaging.launch --num_processes N "
+def _wait(procs, timeout_s: Optional[float]) -> int:
+  """Polls `procs` until one fails, all succeed or `timeout_s` passes (see `launch`)."""
+  deadline = None if timeout_s is None else time.monotonic() + timeout_s
+  while True:
+    codes = [p.poll() for p in procs]
+    failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+    if failed:
+      i, code = failed[0]
+      print(f"weight_averaging.runner.launch: process {i} exited with status "
+            f"{_status(code)}; stopping the others", file=sys.stderr)
+      return _status(code)
+    if all(c == 0 for c in codes):
+      return 0
+    if deadline is not None and time.monotonic() > deadline:
+      print(f"weight_averaging.runner.launch: timed out after {timeout_s:g} s; stopping "
+            f"{len(procs)} processes", file=sys.stderr)
+      return 124
+    time.sleep(0.05)
+
+
+_USAGE = ("python -m weight_averaging.runner.launch --num_processes N "
           "--devices_per_process M [--coordinator_address HOST:PORT] [--timeout_s S] "
-          "-- COMMAND...", file=sys.stderr)
-    return 2
-  split = argv.index("--")
+          "-- COMMAND...")
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m weight_averaging.launch",
+      prog="python -m weight_averaging.runner.launch", usage=_USAGE,
       description="Start N processes of COMMAND on localhost, M CPU devices each.")
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--devices_per_process", type=int, default=1)
@@ -153,6 +142,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="host:port of process 0 (default: a free localhost port)")
   parser.add_argument("--timeout_s", type=float, default=None,
                       help="stop every process after this many seconds")
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--" not in argv:
+    if {"-h", "--help"} & set(argv):
+      _parser().print_help()
+      return 0
+    print(f"usage: {_USAGE}\nweight_averaging.runner.launch: no command to run: give it "
+          "after '--' (e.g. ... -- python -m weight_averaging.runner --submission_path=...)",
+          file=sys.stderr)
+    return 2
+  split = argv.index("--")
+  parser = _parser()
   args = parser.parse_args(argv[:split])
   try:
     return launch(argv[split + 1:], args.num_processes, args.devices_per_process,
