@@ -218,23 +218,20 @@ def test_no_process_the_launcher_started_survives_it(tmp_path, how):
   try:
     process_groups.wait_for_files([tmp_path / "child_0", tmp_path / "child_1"], proc=proc)
     pgids |= {int((tmp_path / f"child_{i}").read_text()) for i in (0, 1)}
-    start = time.monotonic()
     if how == "SIGTERM to the launcher":
       proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    took = time.monotonic() - start
+    proc.wait(timeout=60)  # a guard against a hang, not a measurement
     out = (tmp_path / "launch.log").read_text()
     expected = 3 if how == "a process fails" else 128 + signal.SIGTERM
     assert proc.returncode == expected, out
     assert ("process 1 exited with status 3" if expected == 3 else "stopped by SIGTERM") in out
     assert process_groups.survivors(pgids) == []
-    assert took < 60, f"the launcher took {took:.1f} s"
   finally:
     process_groups.kill_groups(pgids)
     output.close()
 
 
-def test_a_runner_that_fails_early_ends_the_launch_within_seconds(tmp_path):
+def test_a_runner_that_fails_early_ends_the_launch_at_once(tmp_path):
   """Process 1 of the runner fails at once (its search space is not JSON); process 0 waits
   for it in a collective. The failed process exits at once instead of waiting in
   jax.distributed's shutdown (about 120 s), and the launcher stops process 0."""
@@ -246,11 +243,10 @@ def test_a_runner_that_fails_early_ends_the_launch_within_seconds(tmp_path):
              f"--tuning_search_space={tmp_path}/space_{{process_id}}.json",
              f"--experiment_dir={tmp_path}", "--experiment_name=x",
              "--max_global_steps=2", "--progress=false"]
-  start = time.monotonic()
   code, out = run_launch([], command=command, devices_per_process=1)
-  took = time.monotonic() - start
   assert code == 1, out[-3000:]
   assert f"search space {tmp_path}/space_1.json is not valid JSON" in out
+  # The failed process took the immediate exit, not jax.distributed's waiting shutdown.
+  assert "process 1 of 2 failed; exiting now" in out
   assert "process 1 exited with status 1; stopping the others" in out
-  assert took < 60, f"the launcher took {took:.1f} s"
   assert not os.path.exists(tmp_path / "x")

@@ -10,7 +10,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -530,14 +529,11 @@ def test_one_run_study_per_directory_and_sigterm_stops_its_runner_whole(tmp_path
     assert second.returncode == 2, second.stdout + second.stderr
     assert (f"is in use by another process (pid {first.pid}, holding "
             f"{tmp_path / 'exp' / '.run_study' / 'lock'})") in second.stderr
-    start = time.monotonic()
     first.send_signal(signal.SIGTERM)
-    first.wait(timeout=60)
-    took = time.monotonic() - start
+    first.wait(timeout=60)  # a guard against a hang, not a measurement
     assert first.returncode == 128 + signal.SIGTERM
     assert "run_study: stopped by SIGTERM" in (tmp_path / "run_study.log").read_text()
     assert process_groups.survivors(pgids) == []
-    assert took < 60, f"run_study took {took:.1f} s to stop"
   finally:
     process_groups.kill_groups(pgids)
     output.close()

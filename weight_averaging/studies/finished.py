@@ -10,8 +10,8 @@ official runner's end-of-run row past its last eval. The budget is the one the t
 (`run_budget`): ``max_global_steps`` from its runner's ``flags_<n>.json`` (null: the embedded
 runner's default, the workload's step hint; no step cap for the official runner) and the
 workload's runtime budget and targets. A trial whose flags do not state ``max_global_steps``
-(a bare eval CSV, or an embedded run started from Python, whose flags file is empty) cannot be
-judged, and is kept.
+(a bare eval CSV, or a run of an older embedded runner called from Python) cannot be judged,
+and is kept.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ def run_budget(trial: Trial, spec: Any) -> Optional[grid.Budget]:
   flags = layout.run_flags(trial.directory) if trial.directory else None
   if not flags or "max_global_steps" not in flags:
     return None
-  steps = flags["max_global_steps"]
-  if steps is None and spec.name in embedded.WORKLOADS:
-    steps = spec.step_hint   # the embedded runner's default step budget
+  steps = grid.step_budget(flags["max_global_steps"], spec.name in embedded.WORKLOADS,
+                           spec.step_hint)
   runtime = spec.max_allowed_runtime_sec
   target = configs.Target(spec.metric.split("/", 1)[-1], spec.target, spec.test_target,
                           spec.minimize, spec.strict)

@@ -21,8 +21,8 @@ The layout is the official one (`weight_averaging.layout`), which `scoring` read
   DIR/.run_study/logs/<submission>/study_<i>/<workload>_trial_<n>.log   (appended per attempt)
   DIR/.run_study/lock      (the pid of the run_study that runs the grid: one at a time)
 
-Study ``i`` (from 0, as AlgoPerf's study scripts count) uses ``--rng_seed=rng_seed + i``; the
-official runner reads seed 0 as "draw a random one", so seeds start at 1 by default.
+Study ``i`` (from 0, as AlgoPerf's study scripts count) uses ``--rng_seed=rng_seed + i``, from 1
+by default (the official runner reads seed 0 as "draw a random one").
 
 **Why ``--resume_last_run`` and never ``--overwrite``.** Both runners delete the whole
 ``<workload>_jax/`` directory under ``--overwrite``, i.e. every other trial of the study, and the
@@ -35,16 +35,14 @@ are off by default (``save_checkpoints``).
 
 **When a trial is finished** (`trial_state`): its ``eval_measurements.csv`` has at least one eval,
 and the run ended by one of the runners' own stopping rules: the last eval is at the step budget
-(``max_global_steps``; for the embedded runner, whose default budget is the step hint, the step
-hint), both the validation and the test targets were reached (the runners stop there), the
+(`step_budget`), both the validation and the test targets were reached (the runners stop there), the
 logged submission time is at the runtime budget, or the official runner logged its end-of-run
 row past its last eval (the ``score`` row it appends to ``measurements.csv`` after its loop: a
 time-out skips the eval, so only this row shows it; an end row at the last eval is the cap of an
 earlier, smaller ``max_global_steps``, not finished under a larger budget). Anything else is a
 run that died or was killed.
 
-A run that exits non-zero, or exits 0 without its trials finished, is a failure: it is reported
-with its log file, and the grid goes on.
+A run that exits non-zero or leaves its trials unfinished is a failure, logged; the grid goes on.
 """
 
 from __future__ import annotations
@@ -161,10 +159,13 @@ def _check_options(options: GridOptions,
                        f"{', '.join(official)} run on the machine's accelerators")
 
 
+def step_budget(max_global_steps: Optional[int], embedded: bool, step_hint: int):
+  """`max_global_steps`, else the embedded runner's default (the step hint); official: None."""
+  return step_hint if max_global_steps is None and embedded else max_global_steps
+
+
 def _budget(config: configs.WorkloadConfig, options: GridOptions) -> Budget:
-  steps = options.max_global_steps
-  if steps is None and config.runner == "embedded":
-    steps = config.step_hint  # the embedded runner's default step budget
+  steps = step_budget(options.max_global_steps, config.runner == "embedded", config.step_hint)
   return Budget(steps, config.max_allowed_runtime_sec, config.target)
 
 
