@@ -24,6 +24,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # flax: the batch-norm workload's model (teacher_student_bn), as AlgoPerf's models.
+        "test": ["pytest>=7", "hypothesis>=6", "flax"],
     },
 )

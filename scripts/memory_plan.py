@@ -3,6 +3,7 @@
   python scripts/memory_plan.py [--hardware="4x A100 40 GB" ...] [--workloads=wmt ...]
   python scripts/memory_plan.py --shipped      # every shipped configuration on the leaderboard's machine
   python scripts/memory_plan.py --write_shapes # regenerate workloads_config/param_shapes/ (needs algoperf)
+  python scripts/memory_plan.py --step_memory --workloads=wmt  # XLA's analysis of the optimizer step
 
 Bytes per device of the params, the optimizer state, the averaging state (in the
 placement ``averaging_placement: auto`` picks) and the stash, at each submission's
@@ -38,6 +39,22 @@ def write_shapes(directory: str) -> None:
     print(f"wrote {path}")
 
 
+def print_step_memory(workloads) -> None:
+  """XLA's compile-time analysis of each optimizer's step (self-tuning point) against
+  `memory_plan.step_bytes`' prediction, in GiB."""
+  gib = lambda n: f"{n / 2**30:.2f}"
+  print("| workload | optimizer | params | optimizer state | temporaries (XLA) | "
+        "predicted | peak (XLA) |\n|---|---|---:|---:|---:|---:|---:|")
+  for workload in workloads:
+    params = memory_plan.load_shapes(workload)
+    for optimizer in ("nadamw", "shampoo"):
+      m = memory_plan.workload_step_memory(workload, optimizer, params=params)
+      grads, temp = memory_plan.step_bytes(optimizer, params)
+      p = memory.tree_bytes(params)
+      print(f"| {workload} | {optimizer} | {gib(p)} | {gib(m.argument - p - grads)} | "
+            f"{gib(m.temp)} | {gib(temp)} | {gib(m.peak)} |", flush=True)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--hardware", nargs="+", default=list(memory_plan.HARDWARE),
@@ -51,7 +68,13 @@ def main(argv=None) -> int:
                       help=f"check every shipped configuration on {memory_plan.LEADERBOARD}")
   parser.add_argument("--write_shapes", action="store_true",
                       help=f"write {memory_plan.SHAPES_DIR} (needs algoperf)")
+  parser.add_argument("--step_memory", action="store_true",
+                      help="XLA's compile-time analysis of each optimizer's step on "
+                      "--workloads (a compile each: slow) against the plan's formula")
   args = parser.parse_args(argv)
+  if args.step_memory:
+    print_step_memory(args.workloads)
+    return 0
   if args.write_shapes:
     write_shapes(memory_plan.SHAPES_DIR)
     return 0

@@ -8,6 +8,11 @@ DIR holds ``<submission>/<study>/<workload>_<framework>/trial_<n>/eval_measureme
 definitions are in ``weight_averaging/studies/scoring.py``, the JSON structure in
 ``weight_averaging/studies/scores_file.py``. Trials that are not scored (no eval file, a
 damaged one, or a run that did not finish) are listed on stderr and in the scores file.
+
+Table 2 (best validation metric per workload and submission, and per variant where the
+trials' ``hparams.json`` vary a setting within a study: mean +- std over studies; see
+``weight_averaging/studies/sweeps.py``) is printed as markdown and written as CSV next to the
+scores CSV, ``<scores CSV stem>_table2.csv``.
 """
 
 import os
@@ -19,7 +24,7 @@ try:
   import weight_averaging  # pylint: disable=unused-import
 except ImportError:   # run from a checkout without the package installed
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from weight_averaging.studies import scores_file, scoring, workload_facts
+from weight_averaging.studies import scores_file, scoring, sweeps, workload_facts
 
 flags.DEFINE_string("experiment_dir", None, "Directory of <submission>/<study>/... logs.")
 flags.DEFINE_string("output_json", None, "Scores JSON (default: DIR/scores.json).")
@@ -82,15 +87,15 @@ def gpu_table(scores) -> str:
                                                        rows))
 
 
-def best_table(scores) -> str:
-  header = ["submission"] + [f"{w} {scores['workloads'][w]['metric'].split('/')[-1]}"
-                             f"{' (min)' if scores['workloads'][w]['minimize'] else ' (max)'}"
-                             for w in scores["results"]]
-  rows = [[s] + [(fmt(scores["results"][w][s]["best_metric"]["mean"], "{:.5g}") + " +- "
-                  + fmt(scores["results"][w][s]["best_metric"]["std"], "{:.2g}"))
-                 if s in scores["results"][w] else "" for w in scores["results"]]
-          for s in scores["submissions"]]
-  return "Best validation metric (mean +- std over studies)\n" + table(header, rows)
+def table2_path(csv_path: str) -> str:
+  """Where Table 2's CSV goes: next to the scores CSV, ``<its stem>_table2.csv``."""
+  return os.path.splitext(csv_path)[0] + "_table2.csv"
+
+
+def best_table(rows) -> str:
+  """Table 2 (`sweeps.table2` rows) as markdown, with its heading."""
+  return ("Best validation metric, Table 2 (mean +- std over studies of each study's best "
+          "eval; '-' = no value)\n" + sweeps.table2_markdown(rows))
 
 
 def profile_table(scores) -> str:
@@ -111,6 +116,7 @@ def main(argv):
     scores = scoring.score_experiment(FLAGS.experiment_dir, baseline=FLAGS.baseline,
                                       use_algoperf=FLAGS.use_algoperf,
                                       num_devices=FLAGS.num_devices)
+    table2 = sweeps.table2(sweeps.read_sweep(FLAGS.experiment_dir))
   except ValueError as e:
     sys.exit(f"score.py: error: {e}")
   print(f"Scored {FLAGS.experiment_dir} with {scores['backend']} scoring; baseline "
@@ -122,13 +128,14 @@ def main(argv):
   for u in scores["unfinished_trials"]:
     print(f"warning: not scored, unfinished trial {u['trial']}: {u['reason']}",
           file=sys.stderr)
-  print("\n\n".join(["", target_tables(scores), gpu_table(scores), best_table(scores),
+  print("\n\n".join(["", target_tables(scores), gpu_table(scores), best_table(table2),
                      profile_table(scores), ""]))
   json_path = FLAGS.output_json or os.path.join(FLAGS.experiment_dir, "scores.json")
   csv_path = FLAGS.output_csv or os.path.join(FLAGS.experiment_dir, "scores.csv")
   scores_file.write(scores, json_path)
   scores_file.write_csv(scores, csv_path)
-  print(f"Wrote {json_path} and {csv_path}")
+  sweeps.write_table2_csv(table2, table2_path(csv_path))
+  print(f"Wrote {json_path}, {csv_path} and {table2_path(csv_path)}")
 
 
 if __name__ == "__main__":

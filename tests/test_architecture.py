@@ -9,7 +9,8 @@ Read from the source (nothing is imported), so a violation is named with its fil
 * the embedded workloads only the core;
 * nothing below the glue imports it, and the library (everything but `runner`, `studies` and
   the demo) never imports the runner, the studies or the demo;
-* the runner does not import the studies or the demo; the studies not the demo.
+* the runner does not import the studies or the demo; the studies not the demo;
+* the rehearsal (a consumer, like the studies) not the runner or the demo.
 """
 
 import ast
@@ -38,6 +39,9 @@ ALLOWED = {
                 "workloads"},
     "demo": {"core", "snapshots", "layout", "processes", "optimizers", "algoperf_api", "workloads",
              "runner", "studies"},
+    # the CPU rehearsal through the official runner: a consumer beside the runner and studies
+    "rehearsal": {"core", "snapshots", "layout", "processes", "optimizers", "algoperf_api",
+                  "workloads", "studies"},
     "package": {"core"},   # weight_averaging/__init__.py: the library's front door
 }
 MAX_MODULE_LINES = 450

@@ -8,6 +8,7 @@ import collections
 import decimal
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -42,7 +43,7 @@ def test_fractions_resolve_to_the_closed_form(workload):
       cfg = hp.averaging_config({"averaging_every_fraction": every,
                                  "averaging_start_fraction": start}, step_hint)
       assert cfg == (closed_form_every(every, step_hint),
-                     closed_form_start(start, step_hint), "auto"), (every, start)
+                     closed_form_start(start, step_hint), "auto", "live"), (every, start)
       assert type(cfg.every) is int and type(cfg.start_step) is int
 
 
@@ -77,14 +78,15 @@ def test_shipped_window_is_one_percent_of_every_step_hint():
 
 def test_absolute_values_and_their_defaults_still_work():
   assert hp.averaging_config({"averaging_every": 64, "averaging_start_step": 7}, 100) == (
-      64, 7, "auto")
+      64, 7, "auto", "live")
   assert hp.averaging_config({}, None) == (algoperf_api.DEFAULT_AVERAGING_EVERY,
                                            algoperf_api.DEFAULT_AVERAGING_START_STEP,
-                                           algoperf_api.DEFAULT_AVERAGING_PLACEMENT)
+                                           algoperf_api.DEFAULT_AVERAGING_PLACEMENT,
+                                           algoperf_api.DEFAULT_AVERAGING_MODEL_STATE)
   # null means "not given": a list search space can mix the two forms.
   assert hp.averaging_config({"averaging_every": None, "averaging_every_fraction": 0.5,
                               "averaging_start_step": 3, "averaging_start_fraction": None},
-                             10) == (5, 3, "auto")
+                             10) == (5, 3, "auto", "live")
 
 
 # ----------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def test_self_tuning_readers_read_the_documented_points():
   assert hp.shampoo_config(None).schedule.step_hint_factor == 1.0  # the whole step hint
   assert hp.ema_config(None).beta == 0.9
   assert hp.lawa_config(None).k == 20
-  assert hp.averaging_config(None, 72_000) == (36, 0, "auto")
+  assert hp.averaging_config(None, 72_000) == (36, 0, "auto", "live")
 
 
 def test_external_ruleset_still_names_a_missing_hyperparameter():
@@ -137,7 +139,8 @@ def test_known_names_cover_every_shipped_search_space():
       assert set(point) <= known, (path, sorted(set(point) - known))
   # Names the readers take with a default, never written in a search space.
   assert {"averaging_placement", "snapshot_every", "grad_clip", "root_method",
-          "averaging_every_fraction", "averaging_start_fraction"} <= known
+          "averaging_every_fraction", "averaging_start_fraction",
+          "averaging_model_state"} <= known
 
 
 def test_a_name_only_another_submission_reads_is_logged_once(caplog):
@@ -150,6 +153,29 @@ def test_a_name_only_another_submission_reads_is_logged_once(caplog):
                                                 "replicated", "jit"))
   lines = [r.getMessage() for r in caplog.records]
   assert len(lines) == 1 and lines[0].endswith(": lawa_k"), lines
+
+
+def test_averaging_model_state_is_read_by_the_averaging_submissions_only(caplog):
+  """'live' (the default) or 'average'; a plain submission logs it, a typo is refused."""
+  assert algoperf_api.DEFAULT_AVERAGING_MODEL_STATE == "live"
+  assert hp.averaging_config({"averaging_model_state": "average"}).model_state == "average"
+  assert hp.averaging_config({}).model_state == "live"
+  assert hp.averaging_config(None, 1000).model_state == "live"  # self-tuning: the paper's
+  for bad in ("averaged", "LIVE", 1, True, ["live"]):
+    with pytest.raises(ValueError, match=r"hyperparameter 'averaging_model_state' must be "
+                       r"one of \('live', 'average'\), got " + re.escape(repr(bad))):
+      hp.averaging_config({"averaging_model_state": bad})
+  point = dict(algoperf_api.SELF_TUNING_NADAMW, averaging_model_state="average")
+  with caplog.at_level("WARNING", logger="weight_averaging.algoperf_api.names"):
+    with algoperf_api.names.checked(point):  # NadamW alone: known, unused, logged
+      algoperf_api.nadamw_from_hyperparameters(point, 1000)
+    with algoperf_api.names.checked(point):  # with an averager: read, nothing logged
+      algoperf_api.nadamw_from_hyperparameters(point, 1000)
+      hp.averaging_config(point, 1000)
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 1 and lines[0].endswith(": averaging_model_state"), lines
+  with pytest.raises(ValueError, match="did you mean 'averaging_model_state'"):
+    algoperf_api.names.check_known({"averaging_model_states": "average"})
 
 
 # ----------------------------------------------------------------------------

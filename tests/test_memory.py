@@ -403,3 +403,20 @@ def test_the_shapes_files_are_algoperfs():
     shipped = memory_plan.load_shapes(workload)
     assert sorted((x.shape, str(x.dtype)) for x in shipped) == sorted(
         (tuple(s), d) for s, d in leaves), workload
+
+
+@pytest.mark.parametrize("optimizer", ["nadamw", "shampoo"])
+def test_the_step_formula_bounds_xlas_analysis(optimizer):
+  """`step_bytes`' temporaries bound XLA's compile-time analysis of the donated step on
+  OGBG's real shapes (the tightest workload for Shampoo: its root chunks dominate; for
+  Shampoo within a factor 2); the gradients are the step's float32 input."""
+  params = memory_plan.load_shapes("ogbg")
+  measured = memory_plan.workload_step_memory("ogbg", optimizer, params=params)
+  if measured.argument == 0:
+    pytest.skip("this backend has no compile-time memory analysis")
+  grads, temp = memory_plan.step_bytes(optimizer, params)
+  assert measured.temp <= temp, (measured, temp)
+  assert optimizer == "nadamw" or temp <= 2 * measured.temp, (measured, temp)
+  f = memory_plan.plan_row("ogbg", optimizer, memory_plan.LEADERBOARD).footprint
+  assert measured.argument == f.params + f.optimizer + grads
+  assert measured.peak == measured.argument + measured.output - measured.alias + measured.temp

@@ -94,10 +94,10 @@ def find_algoperf_checkout():
 
 def test_every_workload_has_a_valid_config():
   loaded = configs.load_all()
-  assert set(loaded) == set(PAPER_WORKLOADS) | {"teacher_student"}
+  assert set(loaded) == set(PAPER_WORKLOADS) | {"teacher_student", "teacher_student_bn"}
   for name in PAPER_WORKLOADS:
     assert loaded[name].runner == "official"
-  assert loaded["teacher_student"].runner == "embedded"
+  assert loaded["teacher_student"].runner == loaded["teacher_student_bn"].runner == "embedded"
 
 
 def test_configs_take_the_workload_facts_from_one_place():

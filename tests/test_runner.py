@@ -23,7 +23,8 @@ RUNNER_FLAGS = ("workload", "framework", "submission_path", "tuning_search_space
                 "max_global_steps", "overwrite", "resume_last_run", "api", "eval_every_steps",
                 "save_checkpoints", "stop_at_target", "num_devices", "progress",
                 "num_processes", "process_id", "coordinator_address",
-                "initialization_timeout")
+                "initialization_timeout", "hparam_start_index", "hparam_end_index",
+                "checkpoint_steps", "branch_from", "branch_step")
 OFFICIAL_COLUMNS = ["accumulated_eval_time", "accumulated_logging_time",
                     "accumulated_submission_time", "global_step", "preemption_count",
                     "score", "total_duration"]
@@ -258,3 +259,23 @@ def test_importing_the_runner_defines_no_flag():
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_hparam_indices_select_trials_as_the_official_runner_slices(tmp_path):
+  from weight_averaging.runner import experiment
+  assert list(experiment.selected_trials(5, None, None)) == [1, 2, 3, 4, 5]
+  assert list(experiment.selected_trials(5, 2, 3)) == [3]
+  for start, end in ((3, 3), (0, 6), (-1, 2)):
+    with pytest.raises(ValueError, match=f"--hparam_start_index={start} "
+                                         f"--hparam_end_index={end} select no trial of the 5"):
+      experiment.selected_trials(5, start, end)
+
+
+def test_kept_checkpoints_survive_and_bad_keep_steps_are_named(tmp_path):
+  submission = fixture_submission()
+  run(tmp_path, submission, name="keep", steps=60, stop_at_target=False, keep_steps=(10, 20))
+  assert runner.checkpoints.checkpoint_steps(str(tmp_path / "keep")) == [10, 20, 40, 60]
+  with pytest.raises(ValueError, match=r"--checkpoint_steps: step 70 is outside 1..60"):
+    run(tmp_path, submission, name="bad", steps=60, keep_steps=(70,))
+  with pytest.raises(ValueError, match="--save_checkpoints=false writes none"):
+    run(tmp_path, submission, name="bad2", steps=60, keep_steps=(20,), save_checkpoints=False)

@@ -237,6 +237,61 @@ def test_root_nan_is_signalled():
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("n, per_chunk", [(7, 3), (7, 7), (5, 1), (4, 2)])
+def test_chunked_roots_equal_one_batch(n, per_chunk):
+  """Chunks (the last one shifted back to end at n) give the roots of one vmap (bitwise on
+  jax 0.7.0's CPU backend; to float32 rounding where batched kernels depend on the batch
+  size); the normalizer divides each chunk as it would the stack."""
+  rng = np.random.default_rng(n)
+  d = 6
+  stack = jnp.asarray(np.stack([spd(d, 1e3, rng) for _ in range(n)]))
+  roots = jax.jit(shampoo.batched_inverse_pth_roots, static_argnums=1,
+                  static_argnames="chunk_bytes")
+  whole = roots(stack / 0.3, 4, chunk_bytes=2**30)
+  assert shampoo.chunk_length(n, d, per_chunk * 4 * d * d) == per_chunk
+  chunked = roots(stack, 4, chunk_bytes=per_chunk * 4 * d * d, normalizer=0.3)
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-4,
+                             atol=1e-5 * np.abs(whole[0]).max())
+  assert np.all(chunked[1] < 1e-5) and np.all(whole[1] < 1e-5)  # residuals: rounding
+  for i in range(n):
+    np.testing.assert_allclose(whole[0][i], np_root(stack[i] / 0.3, 4, 1e-6, True),
+                               rtol=2e-3, atol=1e-3 * np.abs(whole[0][i]).max())
+
+
+def test_refresh_roots_writes_valid_roots_in_place_chunk_by_chunk():
+  rng = np.random.default_rng(3)
+  stack = np.stack([spd(5, 10.0, rng) for _ in range(7)])
+  stack[5, 0, 0] = np.nan
+  old = jnp.asarray(rng.normal(size=(7, 5, 5)).astype(np.float32))
+  refresh = jax.jit(lambda s, o: shampoo.refresh_roots(s, o, 2, threshold=0.1,
+                                                       chunk_bytes=3 * 4 * 25),
+                    donate_argnums=1)
+  new = np.asarray(refresh(jnp.asarray(stack), jnp.array(old)))
+  roots, err = shampoo.batched_inverse_pth_roots(jnp.asarray(stack), 2)
+  assert not np.isfinite(err[5]) and np.all(np.isfinite(np.delete(np.asarray(err), 5)))
+  np.testing.assert_array_equal(new[5], old[5])  # the failed root keeps the old one
+  np.testing.assert_array_equal(np.delete(new, 5, 0), np.delete(np.asarray(roots), 5, 0))
+  with pytest.raises(ValueError, match="root_chunk_bytes"):
+    shampoo.ShampooConfig(root_chunk_bytes=0)
+
+
+def test_the_step_temporaries_do_not_grow_with_the_stack():
+  """XLA's compile-time analysis of a donated step: the root refresh and the statistics
+  update work in place, so the temporaries stay below two stacks of statistics (1 on
+  jax 0.7.0, 1.3 on 0.10; they were 3 to 4 when all roots were computed in one batch)."""
+  # A vector of 48 blocks of 128: its statistics are 128 times its size.
+  params = {"w": jax.ShapeDtypeStruct((48 * 128,), jnp.float32)}
+  opt = shampoo.scale_by_shampoo(block_size=128, merge_dims_threshold=1, skip_dim_gt=10**6,
+                                 root_chunk_bytes=4 * 128 * 128 * 4, preconditioning_every=1)
+  state = jax.eval_shape(opt.init, params)
+  stack = state.statistics[0].size * 4
+  m = jax.jit(lambda g, s, p: opt.update(g, s, p), donate_argnums=1).lower(
+      params, state, params).compile().memory_analysis()
+  if m is None or not m.argument_size_in_bytes:
+    pytest.skip("this jax has no compile-time memory analysis on this backend")
+  assert m.temp_size_in_bytes < 2 * stack, (m.temp_size_in_bytes, stack)
+
+
 def test_merge_small_dims():
   assert shampoo.merge_small_dims([1, 2, 512, 1, 2048, 1, 3, 4], 1024) == (1024, 2048, 12)
   assert shampoo.merge_small_dims([1, 2, 768, 1, 2048], 1024) == (2, 768, 2048)
@@ -566,6 +621,9 @@ def test_distributed_equals_single_device(method):
         close(first(o[k]), r[k])
     for a, b in zip(state.roots, ref_state.roots):
       close(first(a), b)
+
+  # The devices compute their shares 3 matrices at a time (uneven chunks and shares).
+  hp = dict(hp, root_chunk_bytes=3 * 4 * 4 * 4)
 
   # pmap: every device holds everything, the roots are split over the axis.
   pmap_opt = shampoo.scale_by_shampoo(axis_name="batch", **hp)

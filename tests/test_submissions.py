@@ -517,7 +517,7 @@ def test_good_hyperparameter_forms():
   assert hp.lawa_config({"lawa_k": 20.0}) == (20,)
   assert hp.ema_config({"ema_beta": 0.2}).beta == 0.2  # not int()
   cfg = hp.averaging_config({})
-  assert cfg == (algoperf_api.DEFAULT_AVERAGING_EVERY, 0, "auto")
+  assert cfg == (algoperf_api.DEFAULT_AVERAGING_EVERY, 0, "auto", "live")
   assert (algoperf_api.DEFAULT_AVERAGING_EVERY, algoperf_api.DEFAULT_LAWA_K,
           algoperf_api.DEFAULT_EMA_BETA) == (64, 20, 0.9)
   # Self-tuning: no hyperparameters, the reference's self-tuning point.
@@ -948,3 +948,34 @@ def test_mixed_dtype_params_through_the_builder(api, algorithm):
   assert live[-1]["scale"].dtype == jnp.bfloat16
   averager_state = host(api, opt_state[0].averager)
   assert averager_state[2 if algorithm.endswith("_ema") else 3]["count"] is None
+
+
+class _RecordingLogger:
+  def __init__(self):
+    self.rows = []
+
+  def append_scalar_metrics(self, metrics, global_step):
+    self.rows.append((global_step, dict(metrics)))
+
+
+def test_loss_goes_to_the_logger_the_runner_attaches_after_init():
+  """The official runner attaches a trial's metrics logger after `init_optimizer_state`
+  (and a new one each trial): the step-100 loss must reach the one attached now."""
+  devices = jax.devices()[:1]
+  sub = build("jit", "nadamw", devices)
+  hp = hparams("nadamw")
+  workload = TinyWorkload("jit", devices)
+  params, model_state = workload.init_model_fn(0)
+  opt_state = sub.init_optimizer_state(workload, params, model_state, hp,
+                                       jax.random.PRNGKey(0))
+  first, second = _RecordingLogger(), _RecordingLogger()
+  workload.metrics_logger = first
+  batch = place_batch("jit", devices, make_batch(0))
+  for step, logger in ((99, first), (100, first), (200, second)):
+    workload.metrics_logger = logger
+    opt_state, params, model_state = sub.update_params(
+        workload, params, workload.model_params_types, model_state, hp, batch,
+        "softmax_cross_entropy", opt_state, [], step, jax.random.PRNGKey(step))
+  assert [s for s, _ in first.rows] == [100] and [s for s, _ in second.rows] == [200]
+  loss, grad_norm = first.rows[0][1]["loss"], first.rows[0][1]["grad_norm"]
+  assert np.isfinite(loss) and loss > 0 and grad_norm > 0

@@ -204,6 +204,24 @@ def read_trial(path: str, metric: str, name: str = "") -> Trial:
                directory)
 
 
+def read_hparams(trial_directory: str) -> Optional[Dict[str, Any]]:
+  """The trial's ``hparams.json`` as a dict; None when absent or ``null`` (self-tuning);
+  `DamagedFile` when it is not JSON or not an object."""
+  path = os.path.join(trial_directory, HPARAMS_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      hparams = json.load(f)
+  except ValueError as e:
+    raise DamagedFile(path, f"not valid JSON ({e}): a damaged hyperparameters file; run "
+                      "the trial again") from None
+  if hparams is not None and not isinstance(hparams, dict):
+    raise DamagedFile(path, f"not a JSON object of hyperparameters (a "
+                      f"{type(hparams).__name__}): a damaged hyperparameters file")
+  return hparams
+
+
 def run_flags(trial_directory: str) -> Optional[Dict[str, Any]]:
   """The runner flags of the trial's latest attempt (``flags_<n>.json`` with the largest n:
   the official runner writes one per preemption, the embedded one rewrites ``flags_0.json``);

@@ -10,7 +10,7 @@ is a `jax.pmap` over the axis ``'batch'``.
 element, so everything a resume needs is an array in `TrainState`: the optimizer
 state, the averager state, the stashed live params and the ``holding`` flag. The
 second element, a `Runtime`, holds the compiled functions of one trial; the runner
-re-attaches it from `init_optimizer_state` after a restore.
+re-attaches it from `init_optimizer_state` after a restore. Both live in `runtime`.
 
 The eval swap. The runner evaluates the params `prepare_for_eval` returns *and then
 keeps training from them*. So `prepare_for_eval` moves the live params into
@@ -34,60 +34,60 @@ Integer and boolean params leaves are neither trained (the gradient is taken wit
 respect to the floating leaves only, `averagers.floating_part`) nor averaged: they
 pass through every step and every eval as the model has them.
 
+The model state (batch-norm statistics; ``averaging_model_state``,
+`hp.averaging_config`). ``'live'`` (the default, the paper's): the averaged params
+are evaluated with the live run's statistics; `prepare_for_eval` hands back the model
+state it was given, and the state is exactly what it was before the option.
+``'average'``: the averager averages the pair ``(params, model_state)``, so the
+model state is sampled at the same steps as the params (``averager.update`` after
+every step) and averaged the same way (integer leaves pass through live);
+`prepare_for_eval` returns the averaged model state (the API allows it) and stashes
+the live one with the live params, and the next `update_params` trains from both.
+``TrainState.averager`` is then the averager's state over the pair and ``stash``
+the pair. A model state of ``None`` or ``{}`` has nothing to average.
+
 Reading ``holding`` from the device would make every step wait for the one before.
 The runtime instead remembers which flag array it returned last and what it holds;
 only a state it has not seen (the first call after a checkpoint restore) is read
 back from the device, and then also placed where the compiled step expects it.
+
+Restores through the official runner. AlgoPerf's JAX restore hands back the
+optimizer state's first element, the params and the model state each with an extra
+leading device axis (``flax.jax_utils.replicate``, `restore`). On the first call
+after it (`update_params`, or `prepare_for_eval`) each of the three trees is compared
+with the shapes `init_optimizer_state` produced: one of shape ``(n, *initialised)``
+for one ``n`` is cut to ``x[0]``, then every leaf is placed where the compiled step
+expects it, and the params and model state returned are clean, so the run continues
+exactly as if it had not been interrupted. Under the jit API (2c90454f) that is
+always the case after a restore; under the pmap API (fb2f492a) the runner saves
+``x[0]`` of the state, which already carries the device axis, so the restored shapes
+are the initialised ones and nothing is cut. A tree in neither layout is a
+`ValueError` naming the leaf and both shapes.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import types
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from weight_averaging import averagers
 from weight_averaging import placement as placement_lib
 from weight_averaging import snapshots as snapshots_lib
 from weight_averaging.algoperf_api import hyperparameters as hp
 from weight_averaging.algoperf_api import batch_sizes, memory, names, recipes
-from weight_averaging.optimizers import common
+# The runtime's names, importable from here as before the runtime had its own module.
+from weight_averaging.algoperf_api.runtime import (AXIS, Runtime, TrainState,  # noqa: F401
+                                                   batch_mesh, one_copy)
 
 APIS = ("jit", "pmap")
-AXIS = "batch"  # the mesh axis (jit) and the mapped axis (pmap) the runner uses
 
 MakeOptimizer = Callable[[Any, int, recipes.Distribution], optax.GradientTransformation]
 MakeAverager = Callable[[Any, hp.AveragingConfig, placement_lib.Placement],
                         averagers.Averager]
-
-
-class TrainState(NamedTuple):
-  """Element 0 of ``optimizer_state``: every array a resume needs.
-
-  optimizer: the optax state.
-  averager: the averager's state, ``()`` without averaging.
-  stash: the live params while ``holding`` is 1; a params-sized scratch buffer
-    otherwise; ``()`` without averaging.
-  holding: int32, 1 from `prepare_for_eval` until the next `update_params`.
-  """
-
-  optimizer: Any
-  averager: Any
-  stash: Any
-  holding: jnp.ndarray
-
-
-def batch_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
-  """The jit runner's mesh: one axis ``'batch'`` over every device (or `devices`)."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), (AXIS,))
 
 
 def resolve_placement(name: str, api: str,
@@ -126,233 +126,6 @@ def distribution(api: str, devices: Optional[Sequence[Any]] = None
   return recipes.Distribution(mesh=batch_mesh(devices), mesh_axis_name=AXIS)
 
 
-def _train_mode():
-  """`spec.ForwardPassMode.TRAIN` of whichever algoperf is installed."""
-  for module in ("algoperf.spec", "algorithmic_efficiency.spec"):
-    try:
-      return importlib.import_module(module).ForwardPassMode.TRAIN
-    except ImportError:
-      continue
-  # No algoperf: workloads compare the mode by its member's name, as the embedded one does.
-  return "TRAIN"
-
-
-def _takes_dropout(model_fn) -> bool:
-  try:
-    return "dropout_rate" in inspect.signature(model_fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
-class Runtime:
-  """Element 1 of ``optimizer_state``: the compiled functions of one trial.
-
-  Calling it is the optimizer's ``update`` (optax's signature), so it still reads
-  as the ``update_fn`` AlgoPerf expects in that slot.
-  """
-
-  def __init__(self, api: str, workload, optimizer: optax.GradientTransformation,
-               averager: Optional[averagers.Averager], label_smoothing: float,
-               dropout_rate: Optional[float], devices: Optional[Sequence[Any]] = None,
-               snapshots: Optional[snapshots_lib.SnapshotWriter] = None):
-    self.api = api
-    self.snapshots = snapshots
-    self.devices = list(jax.local_devices() if devices is None else devices)
-    self.optimizer = optimizer
-    self.averager = averager
-    self.logger = getattr(workload, "metrics_logger", None)
-    # The flag array this runtime returned last, and whether it says "holding".
-    self._flag = None
-    self._holding = False
-    self._state_shardings = None
-
-    mode = _train_mode()
-    model_kwargs = {"update_batch_norm": True}
-    if dropout_rate is not None and _takes_dropout(workload.model_fn):
-      model_kwargs["dropout_rate"] = dropout_rate
-    pmap = api == "pmap"
-
-    def train_step(state, params, model_state, batch, rng):
-      trainable = averagers.floating_part(params)
-
-      def loss_fn(t):
-        logits, new_model_state = workload.model_fn(
-            averagers.with_live(params, t), batch, model_state, mode, rng,
-            **model_kwargs)
-        losses = workload.loss_fn(label_batch=batch["targets"], logits_batch=logits,
-                                  mask_batch=batch.get("weights"),
-                                  label_smoothing=label_smoothing)
-        return losses["summed"], (losses["n_valid_examples"], new_model_state)
-
-      (summed, (n_valid, new_model_state)), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(trainable)
-      if pmap:
-        # Sum, then divide by the global count: exact with masked (padded) batches,
-        # where a mean of per-device means would weight devices unequally.
-        summed, n_valid, grads = jax.lax.psum((summed, n_valid, grads), AXIS)
-      grads = jax.tree_util.tree_map(lambda g: g / n_valid, grads)
-      updates, opt_state = optimizer.update(grads, state.optimizer, trainable)
-      new_params = averagers.with_live(params, optax.apply_updates(trainable, updates))
-      # The averager samples the params *after* this step's update.
-      avg_state = (averager.update(state.averager, new_params)
-                   if averager is not None else state.averager)
-      new_state = TrainState(opt_state, avg_state, state.stash,
-                             jnp.zeros_like(state.holding))
-      return new_state, new_params, new_model_state, (summed / n_valid,
-                                                      common.global_norm(grads))
-
-    def init(params):
-      return TrainState(
-          optimizer=optimizer.init(averagers.floating_part(params)),
-          averager=averager.init(params) if averager is not None else (),
-          stash=(jax.tree_util.tree_map(jnp.zeros_like, params)
-                 if averager is not None else ()),
-          holding=jnp.zeros([], jnp.int32))
-
-    def average(avg_state, live):
-      return averager.average(avg_state, live)
-
-    if pmap:
-      kw = {"axis_name": AXIS, "devices": self.devices}
-      self._init = jax.pmap(init, **kw)
-      self._step = jax.pmap(train_step, donate_argnums=(0, 1, 2), **kw)
-      self._average = jax.pmap(average, **kw)
-      return
-
-    mesh = batch_mesh(devices)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS))
-    self._replicated = replicated
-    self._init_fn = init
-    self._train_step = train_step
-    self._batch_sharding = batch_sharding
-    self._average = jax.jit(average, out_shardings=replicated)
-
-  # -- jit needs the state's shardings, which depend on its shapes.
-
-  def _jit_shardings(self, params):
-    abstract = jax.eval_shape(self._init_fn, params)
-    r = self._replicated
-    avg = (self.averager.state_shardings(abstract.averager)
-           if self.averager is not None else ())
-    return TrainState(optimizer=r, averager=avg, stash=r, holding=r)
-
-  def init(self, params) -> TrainState:
-    if self.api == "pmap":
-      state = self._init(params)
-    else:
-      shardings = self._jit_shardings(params)
-      self._state_shardings = shardings
-      r = self._replicated
-      self._init = jax.jit(self._init_fn, out_shardings=shardings)
-      self._step = jax.jit(
-          self._train_step, donate_argnums=(0, 1, 2),
-          in_shardings=(shardings, r, r, self._batch_sharding, r),
-          out_shardings=(shardings, r, r, r))
-      state = self._init(params)
-    self._remember(state, holding=False)
-    return state
-
-  # -- The holding flag.
-
-  @staticmethod
-  def _flag_like(flag, value: int):
-    """A new flag array holding `value`, laid out like `flag` (no compilation)."""
-    host = np.full(np.shape(flag), value, np.int32)
-    if isinstance(flag, jax.Array):
-      return jax.device_put(host, flag.sharding)
-    return host  # a restored host array: the compiled step places it
-
-  def _remember(self, state: TrainState, holding: bool):
-    self._flag, self._holding = state.holding, holding
-
-  def adopt(self, state: TrainState):
-    """``(state, holding)``; a state this runtime did not produce is placed first."""
-    if state.holding is self._flag:
-      return state, self._holding
-    # A restored checkpoint: put every leaf where the compiled step expects it,
-    # then read the flag once.
-    if self.api == "jit":
-      state = jax.device_put(state, self._state_shardings)
-    else:
-      n = len(self.devices)
-      for leaf in jax.tree_util.tree_leaves(state):
-        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
-          raise ValueError(
-              "pmap optimizer state leaves need a leading axis of size "
-              f"{n} (the local devices), got shape {np.shape(leaf)}; replicate "
-              "the restored state as the runner does.")
-    holding = bool(np.asarray(jax.device_get(state.holding)).reshape(-1)[0])
-    return state, holding
-
-  # -- The three operations.
-
-  def update(self, state: TrainState, params, model_state, batch, rng, global_step):
-    state, holding = self.adopt(state)
-    if holding:
-      # Train from the live params; park the runner's (averaged) params in the slot.
-      params, state = state.stash, state._replace(stash=params)
-    if self.api == "pmap":
-      rng = jax.random.split(rng, len(self.devices))
-    state, params, model_state, (loss, grad_norm) = self._step(
-        state, params, model_state, batch, rng)
-    self._remember(state, holding=False)
-    if self.snapshots is not None and self.snapshots.wants(global_step):
-      # The params after update t = global_step: what an averager samples at t.
-      self.snapshots.save(global_step, one_copy(
-          {"params": params, "model_state": model_state}, self.api))
-    if self.logger is not None and global_step % 100 == 0:
-      # Every 100 steps, like the reference: reading the loss waits for the step.
-      self.logger.append_scalar_metrics(
-          {"loss": float(np.asarray(loss).reshape(-1)[0]),
-           "grad_norm": float(np.asarray(grad_norm).reshape(-1)[0])}, global_step)
-    return state, params, model_state
-
-  def prepare_for_eval(self, state: TrainState, params, global_step=None):
-    if self.snapshots is not None and global_step is not None:
-      self.snapshots.mark_trained(global_step)
-    if self.averager is None:
-      return state, params
-    state, holding = self.adopt(state)
-    if not holding:
-      state = state._replace(stash=params, holding=self._flag_like(state.holding, 1))
-    # A fresh buffer: the runner passes it to the next `update_params`, which
-    # donates it; it must not alias anything in the state.
-    averaged = self._average(state.averager, state.stash)
-    self._remember(state, holding=True)
-    return state, averaged
-
-  def __call__(self, updates, state, params=None):
-    return self.optimizer.update(updates, state, params)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _fresh_copy(leaves, shapes):
-  # `jnp.array(copy=True)` keeps jit from handing back the input buffer itself.
-  return [jnp.reshape(jnp.array(x, copy=True), s) for x, s in zip(leaves, shapes)]
-
-
-def one_copy(tree, api: str):
-  """One device's copy of replicated `tree` (``x[0]`` under pmap), in fresh buffers.
-
-  The copy is enqueued on the device, so it is ordered before the next step that
-  donates the originals, and nothing waits for it here.
-  """
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  out = list(leaves)
-  picked, shapes, where = [], [], []
-  for i, x in enumerate(leaves):
-    if isinstance(x, jax.Array) and (api == "pmap" or x.sharding.is_fully_replicated):
-      picked.append(x.addressable_shards[0].data)
-      shapes.append(tuple(x.shape[1:]) if api == "pmap" else tuple(x.shape))
-      where.append(i)
-    elif isinstance(x, jax.Array):  # not replicated: the writer's host copy gathers it
-      out[i] = jnp.array(x, copy=True)
-  for i, x in zip(where, _fresh_copy(picked, tuple(shapes)) if picked else ()):
-    out[i] = x
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def snapshot_writer(hyperparameters, api: str, model_params, model_state
                     ) -> Optional[snapshots_lib.SnapshotWriter]:
   """The run's `SnapshotWriter`, or ``None`` without ``snapshot_every``."""
@@ -365,6 +138,22 @@ def snapshot_writer(hyperparameters, api: str, model_params, model_state
       cfg.directory, cfg.every, like,
       run=snapshots_lib.run_identity(like, hyperparameters),
       enabled=jax.process_index() == 0)
+
+
+def build_averager(make_averager: MakeAverager, hyperparameters, step_hint: int,
+                   api: str, model_params, optimizer,
+                   devices: Optional[Sequence[Any]] = None):
+  """``(averager, hp.AveragingConfig)``: the averaging read once, placed for `api`.
+
+  Fractions of the step hint become steps here; ``'auto'`` placement is decided
+  from the bytes and the device (`memory.placement_for`).
+  """
+  averaging = hp.averaging_config(hyperparameters, step_hint)
+  where = memory.placement_for(
+      averaging.placement, api, model_params, optimizer,
+      functools.partial(make_averager, hyperparameters, averaging), devices)
+  return (make_averager(hyperparameters, averaging, resolve_placement(where, api, devices)),
+          averaging)
 
 
 def build_submission(make_optimizer: MakeOptimizer,
@@ -401,17 +190,14 @@ def build_submission(make_optimizer: MakeOptimizer,
       writer = snapshot_writer(hyperparameters, api, model_params, model_state)
       optimizer = make_optimizer(hyperparameters, workload.step_hint,
                                  distribution(api, devices))
-      averager = None
-      if make_averager is not None:
-        # Fractions of the step hint become steps here, once.
-        averaging = hp.averaging_config(hyperparameters, workload.step_hint)
-        where = memory.placement_for(  # decides 'auto' from the bytes and the device
-            averaging.placement, api, model_params, optimizer,
-            functools.partial(make_averager, hyperparameters, averaging), devices)
-        averager = make_averager(hyperparameters, averaging, resolve_placement(where, api, devices))
+      averager, averaging = (None, None) if make_averager is None else build_averager(
+          make_averager, hyperparameters, workload.step_hint, api, model_params,
+          optimizer, devices)
     runtime = Runtime(api, workload, optimizer, averager, base.label_smoothing,
-                      base.dropout_rate, devices, snapshots=writer)
-    return runtime.init(model_params), runtime
+                      base.dropout_rate, devices, snapshots=writer,
+                      average_model_state=(averaging is not None
+                                           and averaging.model_state == "average"))
+    return runtime.init(model_params, model_state), runtime
 
   def update_params(workload, current_param_container, current_params_types,
                     model_state, hyperparameters, batch, loss_type, optimizer_state,
@@ -429,9 +215,9 @@ def build_submission(make_optimizer: MakeOptimizer,
     del workload, current_params_types, hyperparameters, loss_type, eval_results
     del rng
     state, runtime = optimizer_state
-    state, params = runtime.prepare_for_eval(state, current_param_container,
-                                             global_step)
-    # Model state (batch-norm statistics) stays live, as in the paper.
+    # The model state comes back live ('live', the paper's) or averaged ('average').
+    state, params, model_state = runtime.prepare_for_eval(
+        state, current_param_container, model_state, global_step)
     return (state, runtime), params, model_state
 
   def data_selection(workload, input_queue, optimizer_state, current_param_container,

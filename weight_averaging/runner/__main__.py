@@ -6,11 +6,13 @@ multi-process settings). This module is the only place that defines them:
 importing `weight_averaging.runner` defines no flag.
 """
 
+import os
 import sys
 
 from absl import app, flags
 
 from weight_averaging.runner import distributed
+from weight_averaging.runner.branch import Branch
 from weight_averaging.runner.experiment import run_experiment
 
 flags.DEFINE_string("workload", "teacher_student", "Embedded workload to run.")
@@ -41,6 +43,16 @@ flags.DEFINE_integer("num_processes", None, "Processes in the run (default: "
 flags.DEFINE_integer("process_id", None, "This process's index (default: JAX_PROCESS_ID).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator "
                     "(default: JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("hparam_start_index", None, "Run the trials from this index (from 0) "
+                     "of the search space on, as the official runner.")
+flags.DEFINE_integer("hparam_end_index", None, "Run the trials before this index (from 0), "
+                     "as the official runner.")
+flags.DEFINE_list("checkpoint_steps", [], "Keep the checkpoints of these steps for good "
+                  "(a trunk's branch points; written between evals too).")
+flags.DEFINE_string("branch_from", None, "Start each trial from the checkpoint at "
+                    "--branch_step of this trial directory (the trunk): a cooldown branch.")
+flags.DEFINE_integer("branch_step", None, "The trunk's step to branch from (with "
+                     "--branch_from).")
 flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for the coordinator "
                      "and the other processes before failing.")
 
@@ -75,6 +87,15 @@ def main(argv):
         if FLAGS.tuning_ruleset == "external" else
         "--tuning_search_space cannot be given with --tuning_ruleset=self: the "
         "submission tunes itself (it gets hyperparameters=None)")
+  try:
+    checkpoint_steps = tuple(int(s) for s in FLAGS.checkpoint_steps)
+  except ValueError:
+    raise app.UsageError(f"--checkpoint_steps must be integers, got "
+                         f"{','.join(FLAGS.checkpoint_steps)}") from None
+  if (FLAGS.branch_from is None) != (FLAGS.branch_step is None):
+    raise app.UsageError("--branch_from and --branch_step go together: give both or neither")
+  branch = (None if FLAGS.branch_from is None
+            else Branch(os.path.abspath(FLAGS.branch_from), FLAGS.branch_step))
   _start_jax()
   with distributed.exit_at_once_on_failure():
     results = run_experiment(
@@ -86,14 +107,16 @@ def main(argv):
         eval_every_steps=FLAGS.eval_every_steps, overwrite=FLAGS.overwrite,
         resume_last_run=FLAGS.resume_last_run, save_checkpoints=FLAGS.save_checkpoints,
         stop_at_target=FLAGS.stop_at_target, progress=FLAGS.progress,
-        flag_values=FLAGS.flag_values_dict())
+        flag_values=FLAGS.flag_values_dict(), hparam_start_index=FLAGS.hparam_start_index,
+        hparam_end_index=FLAGS.hparam_end_index, checkpoint_steps=checkpoint_steps,
+        branch=branch)
   if not distributed.is_primary():
     return
-  for i, r in enumerate(results, start=1):
+  for r in results:
     reached = (f"reached the validation target at step {r.reached_target_step} "
                f"({r.reached_target_time:.1f}s)" if r.reached_target_step else
                "did not reach the validation target")
-    print(f"trial_{i}: {r.global_step} steps; {reached}; logs in {r.log_dir}")
+    print(f"{os.path.basename(r.log_dir)}: {r.global_step} steps; {reached}; logs in {r.log_dir}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""orbax checkpoints of a trial; the latest two kept, a damaged one named and passed over.
+"""orbax checkpoints of a trial; the latest two kept (and any asked for), a damaged one named
+and passed over.
 
 A checkpoint at step ``s`` is two entries of the trial directory:
 
@@ -13,6 +14,10 @@ run killed while writing resumes from the previous one. The previous checkpoint 
 kept too: when the latest one cannot be read (a truncated file, a full disk), restore
 warns, naming the file, and resumes from the one before. A checkpoint written with
 another device count whose arrays no longer fit is refused with both counts named.
+
+Checkpoints at the steps a run asks to keep (``keep``: a trunk's branch points,
+`weight_averaging.runner.branch`) are never removed, and `restore_checkpoint` reads the
+one at a given ``step`` for a branch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import inspect
 import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -90,9 +95,9 @@ def _saved_by() -> Dict[str, int]:
 
 
 def save_checkpoint(log_dir: str, step: int, arrays: Dict[str, Any],
-                    runner_state: Dict[str, Any]) -> None:
-  """Writes the arrays with orbax, then the runner's JSON state; keeps this one and the
-  one before it.
+                    runner_state: Dict[str, Any], keep: Sequence[int] = ()) -> None:
+  """Writes the arrays with orbax, then the runner's JSON state; keeps this one, the one
+  before it and the earlier ones at the steps of `keep`.
 
   `jax.Array` leaves are written as they lie: with several processes each writes
   its own shards, so nothing is gathered on one process. Every process must call
@@ -112,7 +117,7 @@ def save_checkpoint(log_dir: str, step: int, arrays: Dict[str, Any],
     os.replace(final + ".tmp", final)
     steps = checkpoint_steps(log_dir)
     earlier = [s for s in steps if s < step]
-    for old in earlier[:-1] + [s for s in steps if s > step]:
+    for old in [s for s in earlier[:-1] if s not in keep] + [s for s in steps if s > step]:
       _remove(log_dir, old)
   distributed.barrier(f"checkpoint_{step}_done")
 
@@ -196,10 +201,11 @@ def _warn_devices(log_dir: str, runner_state: Dict[str, Any]) -> None:
                     jax.device_count())
 
 
-def restore_checkpoint(log_dir: str, target: Dict[str, Any],
-                       as_numpy: bool = True) -> Optional[Tuple[Any, Dict[str, Any]]]:
+def restore_checkpoint(log_dir: str, target: Dict[str, Any], as_numpy: bool = True,
+                       step: Optional[int] = None) -> Optional[Tuple[Any, Dict[str, Any]]]:
   """``(arrays, runner_state)`` of the latest readable checkpoint, shaped like `target`;
-  None when there is none.
+  None when there is none. With `step`, the checkpoint at that step, or `ValueError`
+  naming the steps there are (a damaged one is not passed over: a branch needs that step).
 
   With ``as_numpy`` every leaf comes back as a NumPy array; otherwise a leaf that
   is a `jax.Array` in `target` comes back with that leaf's sharding, each process
@@ -212,8 +218,14 @@ def restore_checkpoint(log_dir: str, target: Dict[str, Any],
       submission or hyperparameters), named.
   """
   steps = checkpoint_steps(log_dir)
+  if step is not None:
+    if step not in steps:
+      raise ValueError(
+          f"{log_dir} has no checkpoint at step {step} (it has {steps or 'none'}): run that "
+          f"trial with --checkpoint_steps={step}, to at least step {step}")
+    return _restore_step(log_dir, step, target, as_numpy)
   damaged = []
-  for step in reversed(steps):
+  for step in reversed(steps):  # pylint: disable=redefined-argument-from-local
     try:
       arrays, runner_state = _restore_step(log_dir, step, target, as_numpy)
     except DamagedCheckpoint as e:

@@ -20,6 +20,11 @@ half-written.
 ``tuning_ruleset='self'`` is the official runner's self-tuning ruleset: one trial,
 ``hyperparameters=None`` (``hparams.json`` holds ``null``), no search space, and
 1.5x the workload's runtime budget.
+
+``hparam_start_index`` / ``hparam_end_index`` run only the trials ``start+1 .. end`` of the
+search space (the official runner's flags, with its ``trial_<n>`` numbering), so that one
+trial can run alone: a trunk that keeps checkpoints (``checkpoint_steps``) or a branch that
+starts from one (``branch``, checked by `branch.check_branch` before anything is written).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import jax
 
 from weight_averaging import layout, processes, workloads
+from weight_averaging.runner import branch as branch_lib
 from weight_averaging.runner import distributed, search_space, submissions
 from weight_averaging.runner.trial import TrialResult, run_trial, step_settings, trial_keys
 
@@ -68,11 +74,9 @@ def prepare_experiment_dir(log_dir: str, overwrite: bool, resume: bool) -> None:
 
 def _trial_point(trial_dir: str, point: Dict[str, Any]) -> Dict[str, Any]:
   """The trial's hyperparameters: those it started with, when it has started."""
-  path = os.path.join(trial_dir, layout.HPARAMS_FILE)
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(trial_dir, layout.HPARAMS_FILE)):
     return point
-  with open(path) as f:
-    return json.load(f)
+  return layout.read_hparams(trial_dir)
 
 
 def _metadata(*, workload_name: str, api: str, submission_path: str, rng_seed: int,
@@ -153,6 +157,34 @@ def check_hyperparameters(workload, submission, points, rng_seed: int) -> None:
       raise ValueError(f"{source}: {e}") from e
 
 
+def selected_trials(num_points: int, start: Optional[int], end: Optional[int]) -> range:
+  """The trial numbers (from 1) that ``--hparam_start_index``/``--hparam_end_index``
+  select, as the official runner slices its search space; `ValueError` for an empty or
+  out-of-range slice, naming the flags."""
+  first = 0 if start is None else start
+  last = num_points if end is None else end
+  if not 0 <= first < last <= num_points:
+    raise ValueError(f"--hparam_start_index={start} --hparam_end_index={end} select no "
+                     f"trial of the {num_points} point(s) (0 <= start < end <= "
+                     f"{num_points})")
+  return range(first + 1, last + 1)
+
+
+def check_branches(workload, branch: Optional[branch_lib.Branch], log_root: str,
+                   points, trials: range) -> None:
+  """`branch_lib.check_branch` for every selected trial; `ValueError` naming both."""
+  if branch is None:
+    return
+  if isinstance(branch.step, bool) or not isinstance(branch.step, int) or branch.step < 1:
+    raise ValueError(f"--branch_step must be an integer >= 1, got {branch.step!r}")
+  trunk = branch_lib.trunk_point(branch.trunk_dir)
+  for n in trials:
+    trial_dir = layout.trial_dir(log_root, n)
+    if os.path.abspath(trial_dir) == os.path.abspath(branch.trunk_dir):
+      raise ValueError(f"--branch_from={branch.trunk_dir} is trial_{n} itself")
+    branch_lib.check_branch(branch, trunk, points[n - 1][0], trial_dir, workload.step_hint)
+
+
 @contextlib.contextmanager
 def lock(log_root: str) -> Iterator[None]:
   """The experiment's lock, held by process 0; every process raises if it is taken.
@@ -182,8 +214,13 @@ def run_experiment(*, workload_name: str, submission_path: str,
                    eval_every_steps: Optional[int] = None, overwrite: bool = False,
                    resume_last_run: bool = False, save_checkpoints: bool = True,
                    stop_at_target: bool = True, progress: bool = False,
-                   flag_values: Optional[Dict[str, Any]] = None) -> List[TrialResult]:
-  """Runs `num_tuning_trials` trials into the official experiment layout.
+                   flag_values: Optional[Dict[str, Any]] = None,
+                   hparam_start_index: Optional[int] = None,
+                   hparam_end_index: Optional[int] = None,
+                   checkpoint_steps: Tuple[int, ...] = (),
+                   branch: Optional[branch_lib.Branch] = None) -> List[TrialResult]:
+  """Runs `num_tuning_trials` trials (those the hparam indices select) into the official
+  experiment layout; `checkpoint_steps` and `branch` go to every trial it runs.
 
   Raises (before anything is written):
     ValueError: a bad setting, submission, search space or hyperparameter, named.
@@ -211,10 +248,13 @@ def run_experiment(*, workload_name: str, submission_path: str,
   points = _resolved_points(points, num_tuning_trials, tuning_search_space, log_root,
                             resume_last_run)
   check_hyperparameters(workload, submission, points, rng_seed)
+  trials = selected_trials(len(points), hparam_start_index, hparam_end_index)
+  check_branches(workload, branch, log_root, points, trials)
   results = []
   with lock(log_root):
     prepare_experiment_dir(log_root, overwrite, resume_last_run)
-    for trial, (point, _) in enumerate(points, start=1):
+    for trial in trials:
+      point = points[trial - 1][0]
       trial_dir = layout.trial_dir(log_root, trial)
       if distributed.is_primary():
         _write_trial_records(trial_dir, point, _metadata(
@@ -231,5 +271,5 @@ def run_experiment(*, workload_name: str, submission_path: str,
           rng_seed=rng_seed, api=api, max_global_steps=max_global_steps,
           eval_every_steps=eval_every_steps, resume=resume_last_run,
           save_checkpoints=save_checkpoints, stop_at_target=stop_at_target,
-          progress=progress))
+          progress=progress, keep_steps=checkpoint_steps, branch=branch))
   return results

@@ -14,7 +14,10 @@
 
 The optimizer state is checkpointed with each API's convention: under ``pmap`` the
 official runner saves ``x[0]`` of every leaf and replicates on restore, so a state
-that does not survive that fails here as it would there.
+that does not survive that fails here as it would there. Checkpoints at the steps of
+``keep_steps`` are kept for good (written there even between evals): a *branch*
+(`weight_averaging.runner.branch`) starts from one of them in another trial, with the
+trunk's eval rows up to that step as its own.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 from absl import logging
 
 from weight_averaging import layout, placement
+from weight_averaging.runner import branch as branch_lib
 from weight_averaging.runner import checkpoints, distributed, submissions
 
 
@@ -62,6 +66,7 @@ class _Config(NamedTuple):
   eval_every: int
   stop_at_target: bool
   save_checkpoints: bool
+  keep_steps: Tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -109,15 +114,23 @@ def step_settings(workload, max_global_steps: Optional[int],
 
 
 def _config(workload, submission, hyperparameters, log_dir, api, max_global_steps,
-            eval_every_steps, stop_at_target, save_checkpoints) -> _Config:
+            eval_every_steps, stop_at_target, save_checkpoints, keep_steps) -> _Config:
   """The trial's fixed settings, defaults filled in from the workload and checked."""
   if api == "pmap" and distributed.process_count() > 1:
     raise ValueError(
         f"api='pmap' runs on one process; this run has {distributed.process_count()} "
         "processes. Use the jit API (--api=jit) for several processes.")
   max_steps, eval_every = step_settings(workload, max_global_steps, eval_every_steps)
+  keep_steps = tuple(sorted(set(keep_steps)))
+  if keep_steps and not save_checkpoints:
+    raise ValueError(f"--checkpoint_steps={','.join(map(str, keep_steps))} keeps "
+                     "checkpoints, and --save_checkpoints=false writes none: drop one")
+  bad = [s for s in keep_steps if isinstance(s, bool) or not 1 <= s <= max_steps]
+  if bad:
+    raise ValueError(f"--checkpoint_steps: step {bad[0]!r} is outside 1..{max_steps} "
+                     "(the trial's last step, --max_global_steps)")
   return _Config(workload, submission, hyperparameters, log_dir, api, max_steps,
-                 eval_every, stop_at_target, save_checkpoints)
+                 eval_every, stop_at_target, save_checkpoints, keep_steps)
 
 
 def trial_keys(rng_seed: int):
@@ -162,12 +175,23 @@ def _restore(config: _Config, trial: _Trial) -> None:
   runner's convention) and is replicated again; under jit every leaf comes back
   in the sharding of its freshly initialised counterpart.
   """
+  restored = _read_checkpoint(config, trial, config.log_dir, None)
+  if restored is None:
+    return
+  trial.preemption_count = restored[1]["preemption_count"] + 1
+  logging.info("resumed %s at step %d", config.log_dir, trial.global_step)
+
+
+def _read_checkpoint(config: _Config, trial: _Trial, log_dir: str,
+                     step: Optional[int]) -> Optional[Tuple[Any, Dict[str, Any]]]:
+  """Sets `trial` to the checkpoint of `log_dir` (at `step`, else the latest one) and
+  returns ``(arrays, runner_state)``; None, `trial` untouched, when there is none."""
   live = _checkpoint_arrays(trial)
   pmap = config.api == "pmap"
   target = placement.pmap_unreplicate(live) if pmap else live
-  restored = checkpoints.restore_checkpoint(config.log_dir, target, as_numpy=pmap)
+  restored = checkpoints.restore_checkpoint(log_dir, target, as_numpy=pmap, step=step)
   if restored is None:
-    return
+    return None
   arrays, runner_state = restored
   if pmap:
     arrays = placement.pmap_replicate(arrays)
@@ -180,8 +204,21 @@ def _restore(config: _Config, trial: _Trial) -> None:
   trial.global_step = runner_state["global_step"]
   trial.eval_results = runner_state["eval_results"]
   trial.train_state.update(runner_state["train_state"])
-  trial.preemption_count = runner_state["preemption_count"] + 1
-  logging.info("resumed %s at step %d", config.log_dir, trial.global_step)
+  trial.preemption_count = runner_state["preemption_count"]
+  return restored
+
+
+def _start_branch(config: _Config, trial: _Trial, branch: branch_lib.Branch) -> None:
+  """Starts `trial` from the trunk's checkpoint at ``branch.step``: its arrays, clocks and
+  eval rows (written to this trial's ``eval_measurements.csv`` at once)."""
+  _read_checkpoint(config, trial, branch.trunk_dir, branch.step)
+  if trial.global_step != branch.step:
+    raise ValueError(f"{branch.trunk_dir}: the checkpoint of step {branch.step} holds step "
+                     f"{trial.global_step}")
+  if distributed.is_primary():
+    layout.write_eval_measurements(layout.eval_file(config.log_dir), trial.eval_results)
+  logging.info("branched %s from %s at step %d", config.log_dir, branch.trunk_dir,
+               branch.step)
 
 
 def _is_complete(config: _Config, trial: _Trial) -> bool:
@@ -273,7 +310,7 @@ def _save(config: _Config, trial: _Trial) -> None:
       "global_step": trial.global_step, "eval_results": trial.eval_results,
       "preemption_count": trial.preemption_count,
       "train_state": {k: v for k, v in trial.train_state.items()
-                      if k != "last_step_end_time"}})
+                      if k != "last_step_end_time"}}, keep=config.keep_steps)
 
 
 def _log_eval(config: _Config, trial: _Trial, result: Dict[str, Any],
@@ -332,6 +369,8 @@ def _train(config: _Config, trial: _Trial, input_queue, rng, bar) -> None:
     if bar is not None:
       bar.update(1)
     if trial.global_step % config.eval_every and not state["training_complete"]:
+      if trial.global_step in config.keep_steps:  # a branch point between evals
+        _save(config, trial)
       continue
     # An eval-eligible step: the timed prepare_for_eval, then the untimed eval.
     _prepare_for_eval(config, trial, prep_eval_rng)
@@ -354,21 +393,29 @@ def run_trial(workload, submission, hyperparameters, *, log_dir: str, rng_seed: 
               api: str = "jit", max_global_steps: Optional[int] = None,
               eval_every_steps: Optional[int] = None, resume: bool = False,
               save_checkpoints: bool = True, stop_at_target: bool = True,
-              progress: bool = False, preemption_count: int = 0) -> TrialResult:
+              progress: bool = False, preemption_count: int = 0,
+              keep_steps: Sequence[int] = (),
+              branch: Optional[branch_lib.Branch] = None) -> TrialResult:
   """Trains `submission` on `workload` under the official runner's contract.
 
   Logs into `log_dir` (``eval_measurements.csv`` and checkpoints); with `resume`
   it continues from the latest checkpoint there, to the same result as an
   uninterrupted run. The seed's keys are split as the official runner splits them.
+  `keep_steps`: checkpoints kept for good; `branch`: start from another trial's
+  checkpoint (when `log_dir` has none of its own to resume from), whose schedule the
+  caller has checked (`branch_lib.check_branch`).
   """
   config = _config(workload, submission, hyperparameters, log_dir, api,
-                   max_global_steps, eval_every_steps, stop_at_target, save_checkpoints)
+                   max_global_steps, eval_every_steps, stop_at_target, save_checkpoints,
+                   keep_steps)
   os.makedirs(log_dir, exist_ok=True)
   data_rng, opt_init_rng, model_init_rng, rng = trial_keys(rng_seed)
   batch_size = _batch_size(config)
   trial = _initial_trial(config, model_init_rng, opt_init_rng, preemption_count)
   if resume:
     _restore(config, trial)
+  if branch is not None and trial.global_step == 0:
+    _start_branch(config, trial, branch)
   # Whether to go on is decided anew: a resumed run may have a larger step budget.
   trial.train_state["training_complete"] = _is_complete(config, trial)
   input_queue = workload.input_queue(data_rng, batch_size, start_step=trial.global_step)

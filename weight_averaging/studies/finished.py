@@ -39,7 +39,8 @@ def run_budget(trial: Trial, spec: Any) -> Optional[grid.Budget]:
   runtime = spec.max_allowed_runtime_sec
   target = configs.Target(spec.metric.split("/", 1)[-1], spec.target, spec.test_target,
                           spec.minimize, spec.strict)
-  return grid.Budget(steps, math.inf if runtime is None else runtime, target)
+  return grid.Budget(steps, math.inf if runtime is None else runtime, target,
+                     bool(flags.get("stop_at_target", True)))
 
 
 def without_unfinished(experiment: Experiment, specs: Mapping[str, Any]

@@ -33,14 +33,17 @@ restore is broken upstream at both commits, so an unfinished official trial's di
 removed before it runs again (its eval CSV would otherwise be appended to), and its checkpoints
 are off by default (``save_checkpoints``).
 
-**When a trial is finished** (`trial_state`): its ``eval_measurements.csv`` has at least one eval,
-and the run ended by one of the runners' own stopping rules: the last eval is at the step budget
-(`step_budget`), both the validation and the test targets were reached (the runners stop there), the
-logged submission time is at the runtime budget, or the official runner logged its end-of-run
-row past its last eval (the ``score`` row it appends to ``measurements.csv`` after its loop: a
-time-out skips the eval, so only this row shows it; an end row at the last eval is the cap of an
-earlier, smaller ``max_global_steps``, not finished under a larger budget). Anything else is a
-run that died or was killed.
+**When a trial is finished**: `stopping.trial_state` (re-exported here), the runners' own
+stopping rules read from its logs.
+
+**Presets** (``preset``, `presets`): the paper's Section 6 grids. A preset's points replace the
+search space (``DIR/.run_study/search_spaces/<api>/<submission>/<workload>_<preset>.json``, with
+a description of the trials beside them, ``<workload>_<preset>.md`` in ``.../<api>/``) and
+cover each optimizer's family; embedded preset trials run to the step budget
+(``--stop_at_target=false``). A cooldown branch and its trunk run as one runner process per
+trial (``--hparam_start_index``), the trunk first, keeping the checkpoints at the branch steps
+(``--checkpoint_steps``); each branch starts from the trunk's (``--branch_from``,
+``--branch_step``).
 
 A run that exits non-zero or leaves its trials unfinished is a failure, logged; the grid goes on.
 """
@@ -50,20 +53,25 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from weight_averaging import layout, processes
 from weight_averaging.algoperf_api import catalog
-from weight_averaging.studies import checkout, configs, workload_facts
+from weight_averaging.studies import checkout, configs, presets, workload_facts
+from weight_averaging.studies.commands import EMBEDDED_RUNNER_MODULE, embedded_argv
+from weight_averaging.studies.commands import official_argv
+from weight_averaging.studies.stopping import Budget, TrialState, step_budget, trial_state
 
-EMBEDDED_RUNNER_MODULE = "weight_averaging.runner"
+__all__ = ["EMBEDDED_RUNNER_MODULE", "Budget", "GridOptions", "GridResult", "Run", "TrialState",
+           "check_checkout", "embedded_argv", "execute", "official_argv", "plan", "run_grid",
+           "run_study_path", "step_budget", "summary", "trial_state", "write_search_space"]
+
 RUN_STUDY_DIR = ".run_study"
 
 
@@ -85,13 +93,7 @@ class GridOptions:
   save_checkpoints: bool = False
   config_dir: str = configs.CONFIG_DIR
   repo_dir: str = configs.REPO
-
-
-class Budget(NamedTuple):
-  """What ends a trial: `steps` (None: no step cap), `runtime_sec` and the targets."""
-  steps: Optional[int]
-  runtime_sec: float
-  target: configs.Target
+  preset: Optional[presets.PresetOptions] = None  # None: the search space's trials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Run:
   trial_dirs: Tuple[str, ...]
   log_path: str
   budget: Budget
+  labels: Tuple[str, ...] = ()  # a preset's names of the trials
 
   @property
   def label(self) -> str:
@@ -147,6 +150,14 @@ def _check_options(options: GridOptions,
   if not options.experiment_dir:
     raise ValueError("--experiment_dir is required")
   official = [w for w in options.workloads if workload_configs[w].runner == "official"]
+  if options.preset is not None:
+    if options.search_space != "paper":
+      raise ValueError(f"--search_space={options.search_space} conflicts with --preset="
+                       f"{options.preset.name}: a preset writes its own search space; drop one")
+    if options.preset.cooldown_branches and official:
+      raise ValueError(f"--cooldown_branches needs the embedded runner (the official one "
+                       f"cannot restore a checkpoint); {', '.join(official)} run on the "
+                       "official one")
   if official:
     if not options.algoperf_dir:
       raise ValueError(f"--algoperf_dir (an algoperf checkout with "
@@ -159,14 +170,11 @@ def _check_options(options: GridOptions,
                        f"{', '.join(official)} run on the machine's accelerators")
 
 
-def step_budget(max_global_steps: Optional[int], embedded: bool, step_hint: int):
-  """`max_global_steps`, else the embedded runner's default (the step hint); official: None."""
-  return step_hint if max_global_steps is None and embedded else max_global_steps
-
-
 def _budget(config: configs.WorkloadConfig, options: GridOptions) -> Budget:
-  steps = step_budget(options.max_global_steps, config.runner == "embedded", config.step_hint)
-  return Budget(steps, config.max_allowed_runtime_sec, config.target)
+  embedded = config.runner == "embedded"
+  steps = step_budget(options.max_global_steps, embedded, config.step_hint)
+  return Budget(steps, config.max_allowed_runtime_sec, config.target,
+                stop_at_target=not (embedded and options.preset is not None))
 
 
 def run_study_path(experiment_dir: str, *parts: str) -> str:
@@ -174,9 +182,19 @@ def run_study_path(experiment_dir: str, *parts: str) -> str:
   return os.path.join(os.path.abspath(experiment_dir), RUN_STUDY_DIR, *parts)
 
 
+def _search_space_name(options: GridOptions) -> str:
+  return options.preset.name if options.preset is not None else options.search_space
+
+
 def _search_space_path(options: GridOptions, submission: str, workload: str) -> str:
   return run_study_path(options.experiment_dir, "search_spaces", options.api, submission,
-                        f"{workload}_{options.search_space}.json")
+                        f"{workload}_{_search_space_name(options)}.json")
+
+
+def description_path(options: GridOptions, workload: str) -> str:
+  """Where a preset's description of its trials on `workload` lies."""
+  return run_study_path(options.experiment_dir, "search_spaces", options.api,
+                        f"{workload}_{_search_space_name(options)}.md")
 
 
 def _log_path(options: GridOptions, submission: str, workload: str, study: int,
@@ -186,52 +204,50 @@ def _log_path(options: GridOptions, submission: str, workload: str, study: int,
                         layout.study_dir_name(study), name)
 
 
-def official_argv(options: GridOptions, config: configs.WorkloadConfig, submission: str,
-                  study: int, trial: int, num_trials: int, search_space_path: str
-                  ) -> List[str]:
-  """The official runner's command for one trial, with its exact flag names."""
-  argv = [options.python, checkout.OFFICIAL_RUNNER,
-          "--framework=jax",
-          f"--workload={config.workload}",
-          f"--submission_path=submissions/{options.api}/{submission}/submission.py",
-          f"--tuning_search_space={search_space_path}",
-          f"--num_tuning_trials={num_trials}",
-          f"--hparam_start_index={trial - 1}",
-          f"--hparam_end_index={trial}",
-          f"--experiment_dir={os.path.join(os.path.abspath(options.experiment_dir), submission)}",
-          f"--experiment_name={layout.study_dir_name(study)}",
-          f"--rng_seed={options.rng_seed + study}"]
-  argv += [f"--{flag}={path}" for flag, path in
-           configs.data_flags(config, options.data_root).items()]
-  argv += ["--resume_last_run",
-           f"--save_checkpoints={'true' if options.save_checkpoints else 'false'}"]
-  if options.max_global_steps is not None:
-    argv.append(f"--max_global_steps={options.max_global_steps}")
-  return argv
+def _variants(options: GridOptions, config: configs.WorkloadConfig, submission: str
+              ) -> List[presets.Variant]:
+  """The trials of `submission`: the preset's, else the search space's (unlabelled)."""
+  if options.preset is not None:
+    return presets.variants(options.preset, config, submission, options.api)
+  return [presets.Variant("", p) for p in configs.search_space(
+      config, submission, options.api, options.search_space)]
 
 
-def embedded_argv(options: GridOptions, config: configs.WorkloadConfig, submission: str,
-                  study: int, num_trials: int, search_space_path: str) -> List[str]:
-  """The embedded runner's command for one study (all its trials)."""
-  submission_path = os.path.join(os.path.abspath(options.repo_dir), "submissions", options.api,
-                                 submission, "submission.py")
-  argv = [sys.executable, "-m", EMBEDDED_RUNNER_MODULE,
-          "--framework=jax",
-          f"--workload={config.workload}",
-          f"--submission_path={submission_path}",
-          f"--tuning_search_space={search_space_path}",
-          f"--num_tuning_trials={num_trials}",
-          f"--experiment_dir={os.path.join(os.path.abspath(options.experiment_dir), submission)}",
-          f"--experiment_name={layout.study_dir_name(study)}",
-          f"--rng_seed={options.rng_seed + study}",
-          f"--api={options.api}",
-          "--resume_last_run",
-          "--progress=false"]
-  if options.max_global_steps is not None:
-    argv.append(f"--max_global_steps={options.max_global_steps}")
-  if options.num_devices is not None:
-    argv.append(f"--num_devices={options.num_devices}")
-  return argv
+def _trial_groups(config: configs.WorkloadConfig, variants: Sequence[presets.Variant]):
+  """The trials each runner process runs: one each (official; a trunk and its branches),
+  else all of a study's in one."""
+  alone = config.runner == "official" or any(v.branch or v.keep_steps for v in variants)
+  numbers = range(1, len(variants) + 1)
+  return [(n,) for n in numbers] if alone else [tuple(numbers)]
+
+
+def _run(options: GridOptions, config: configs.WorkloadConfig, submission: str, study: int,
+         trials: Tuple[int, ...], variants: Sequence[presets.Variant]) -> Run:
+  ss_path = _search_space_path(options, submission, config.workload)
+  if config.runner == "official":
+    argv = official_argv(options, config, submission, study, trials[0], len(variants),
+                         ss_path)
+    cwd = os.path.abspath(options.algoperf_dir)
+    env = (("PYTHONPATH", os.path.abspath(options.repo_dir)),)
+  else:
+    alone = (trials[0], variants[trials[0] - 1]) if len(trials) < len(variants) else None
+    argv = embedded_argv(options, config, submission, study, len(variants), ss_path, alone)
+    cwd, env = os.path.abspath(options.repo_dir), ()
+  return Run(
+      submission=submission, workload=config.workload, study=study, trials=trials,
+      runner=config.runner, argv=tuple(argv), cwd=cwd, env=env, search_space_path=ss_path,
+      search_space=tuple(v.point for v in variants),
+      trial_dirs=tuple(layout.study_trial_dir(options.experiment_dir, submission, study,
+                                              config.workload, n) for n in trials),
+      log_path=_log_path(options, submission, config.workload, study, trials),
+      budget=_budget(config, options), labels=tuple(v.label for v in variants))
+
+
+def submissions_of(options: GridOptions) -> Tuple[str, ...]:
+  """The submissions a grid runs: `options.submissions`, or their families under a preset."""
+  if options.preset is None:
+    return tuple(options.submissions)
+  return presets.family(options.submissions)
 
 
 def plan(options: GridOptions) -> List[Run]:
@@ -242,34 +258,48 @@ def plan(options: GridOptions) -> List[Run]:
   """
   workload_configs = {w: configs.load(w, options.config_dir) for w in options.workloads}
   _check_options(options, workload_configs)
+  if options.preset is not None:
+    options = dataclasses.replace(options, preset=presets.check(options.preset))
   runs = []
   for study in range(options.num_studies):
     for workload in options.workloads:
       config = workload_configs[workload]
-      for submission in options.submissions:
-        points = tuple(configs.search_space(config, submission, options.api,
-                                            options.search_space))
-        ss_path = _search_space_path(options, submission, workload)
-        trial_groups = ([(n,) for n in range(1, len(points) + 1)] if config.runner == "official"
-                        else [tuple(range(1, len(points) + 1))])
-        for trials in trial_groups:
-          if config.runner == "official":
-            argv = official_argv(options, config, submission, study, trials[0], len(points),
-                                 ss_path)
-            cwd = os.path.abspath(options.algoperf_dir)
-            env = (("PYTHONPATH", os.path.abspath(options.repo_dir)),)
-          else:
-            argv = embedded_argv(options, config, submission, study, len(points), ss_path)
-            cwd, env = os.path.abspath(options.repo_dir), ()
-          runs.append(Run(
-              submission=submission, workload=workload, study=study, trials=trials,
-              runner=config.runner, argv=tuple(argv), cwd=cwd, env=env,
-              search_space_path=ss_path, search_space=points,
-              trial_dirs=tuple(layout.study_trial_dir(options.experiment_dir, submission, study,
-                                                      workload, n) for n in trials),
-              log_path=_log_path(options, submission, workload, study, trials),
-              budget=_budget(config, options)))
+      for submission in submissions_of(options):
+        variants = _variants(options, config, submission)
+        for trials in _trial_groups(config, variants):
+          runs.append(_run(options, config, submission, study, trials, variants))
+  _check_branch_budget(runs)
   return runs
+
+
+def _check_branch_budget(runs: Sequence[Run]) -> None:
+  """A trunk must reach its last branch step within the step budget."""
+  for run in runs:
+    steps = [int(a.split("=", 1)[1]) for a in run.argv if a.startswith("--branch_step=")]
+    if steps and run.budget.steps is not None and steps[0] >= run.budget.steps:
+      raise ValueError(f"--max_global_steps={run.budget.steps} ends the trunk at or before "
+                       f"the branch step {steps[0]} of {run.label}: raise it, or use "
+                       "smaller --schedule_fractions / --cooldown_fraction")
+
+
+def write_description(options: GridOptions, runs: Sequence[Run]) -> List[str]:
+  """A preset's description of its trials per workload (`description_path`); the paths."""
+  if options.preset is None:
+    return []
+  written = []
+  for workload in options.workloads:
+    by_submission = {}
+    for run in runs:
+      if run.workload == workload and run.study == 0:
+        by_submission[run.submission] = [presets.Variant(label, dict(point)) for label, point
+                                         in zip(run.labels, run.search_space)]
+    path = description_path(options, workload)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      f.write(presets.describe(presets.check(options.preset),
+                               configs.load(workload, options.config_dir), by_submission))
+    written.append(path)
+  return written
 
 
 # ----------------------------------------------------------------------------
@@ -287,63 +317,6 @@ def check_checkout(runs: Sequence[Run], options: GridOptions, dry_run: bool = Fa
     report(f"warning: {options.algoperf_dir} has no {checkout.OFFICIAL_RUNNER}; flags not checked")
     return
   checkout.check_official_checkout(runs, options.algoperf_dir, options.api)
-
-
-# ----------------------------------------------------------------------------
-# Is a trial finished?
-
-
-class TrialState(NamedTuple):
-  finished: bool
-  reason: str
-
-
-def _number(text: Optional[str]) -> float:
-  try:
-    return float(text) if text not in (None, "") else math.nan
-  except ValueError:
-    return math.nan
-
-
-def _official_end_step(trial: str, metric: str) -> Optional[float]:
-  """The step of the official runner's end-of-run row, if ``measurements.csv`` ends with one:
-  a ``score`` and no validation metric (eval rows carry both, a submission's own rows no
-  score)."""
-  rows = layout.read_rows(os.path.join(trial, layout.MEASUREMENTS_FILE))
-  if not rows:
-    return None
-  last = rows[-1]
-  if (math.isnan(_number(last.get("score")))
-      or not math.isnan(_number(last.get(f"validation/{metric}")))):
-    return None
-  return _number(last.get(layout.STEP_COLUMN))
-
-
-def trial_state(trial: str, budget: Budget) -> TrialState:
-  """Whether the trial in directory `trial` ran to one of its runner's stopping rules."""
-  if not os.path.isdir(trial):
-    return TrialState(False, "not started")
-  rows = layout.read_rows(layout.eval_file(trial))
-  if not rows:
-    return TrialState(False, f"no eval logged in {layout.EVAL_FILE}")
-  last = rows[-1]
-  step = _number(last.get(layout.STEP_COLUMN))
-  if budget.steps is not None and step >= budget.steps:
-    return TrialState(True, f"reached the step budget ({int(step)} steps)")
-  target = budget.target
-  val = any(target.reached(_number(r.get(f"validation/{target.metric}")), target.validation)
-            for r in rows)
-  test = any(target.reached(_number(r.get(f"test/{target.metric}")), target.test) for r in rows)
-  if val and test:
-    return TrialState(True, f"reached the validation and test targets (step {int(step)})")
-  if _number(last.get(layout.TIME_COLUMN)) >= budget.runtime_sec:
-    return TrialState(True, f"spent the runtime budget ({budget.runtime_sec:g} s)")
-  # A time-out skips the last eval, so the official runner's end row lies past the last eval;
-  # an end row at the last eval is a step cap (an earlier, smaller --max_global_steps).
-  end = _official_end_step(trial, target.metric)
-  if end is not None and end > step:
-    return TrialState(True, f"ran out of time at step {int(end)} (the runner's end-of-run row)")
-  return TrialState(False, f"stopped at step {int(step)}, before any of its stopping rules")
 
 
 # ----------------------------------------------------------------------------
@@ -407,6 +380,26 @@ def execute(run: Run, overwrite: bool = False,
   return None
 
 
+def _other_point(run: Run) -> Optional[str]:
+  """For a preset's run: a trial that started with another point than the preset's (another
+  preset or grid in the same directory; a runner keeps a started trial's point), named."""
+  if not any(run.labels):
+    return None
+  for n, trial in zip(run.trials, run.trial_dirs):
+    path = os.path.join(trial, layout.HPARAMS_FILE)
+    if not os.path.isfile(path):
+      continue
+    recorded = layout.read_hparams(trial) or {}  # null: a self-tuning trial
+    planned = run.search_space[n - 1]
+    if recorded != planned:
+      name = sorted(k for k in set(recorded) | set(planned)
+                    if recorded.get(k, "absent") != planned.get(k, "absent"))[0]
+      return (f"{path} holds another point than this grid's {layout.trial_dir_name(n)} "
+              f"({name}: {recorded.get(name, 'absent')!r}, the grid's "
+              f"{planned.get(name, 'absent')!r}): use another --experiment_dir, or --overwrite")
+  return None
+
+
 def run_grid(runs: Sequence[Run], *, dry_run: bool = False, overwrite: bool = False,
              report: Callable[[str], None] = print) -> GridResult:
   """Runs every unfinished run, reporting ``[k/N]`` progress; never stops on a failure.
@@ -418,6 +411,11 @@ def run_grid(runs: Sequence[Run], *, dry_run: bool = False, overwrite: bool = Fa
   total = len(runs)
   for k, run in enumerate(runs, start=1):
     prefix = f"[{k}/{total}] {run.label}"
+    other = None if overwrite else _other_point(run)
+    if other is not None:
+      report(f"{prefix}: FAILED ({other})")
+      result.failed.append((run, other))
+      continue
     states = _states(run)
     if not overwrite and all(s.finished for s in states):
       report(f"{prefix}: finished ({states[0].reason}); skipped")

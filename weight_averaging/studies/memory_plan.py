@@ -23,7 +23,10 @@ built from its published configuration (`lm_shapes`). The files' ``source`` says
 `LEADERBOARD`: each point of each ``tuning_search_spaces/*.json`` on the nine workloads
 and each ``workloads_config`` trial, under both APIs (an exported entry runs the jit
 one). `PMAP_DOES_NOT_FIT` lists what the pmap API cannot fit there (it has only
-``'replicated'``); ``workloads_config/criteo1tb.json`` and the README say so.
+``'replicated'``; `V100_PMAP_DOES_NOT_FIT` on V100s); ``workloads_config/criteo1tb.json``
+and the README say so. A row's `PlanRow.peak` adds the step's gradients and the optimizer
+step's temporaries (`step_bytes`, a formula checked against XLA's compile-time analysis,
+`step_memory`) to the state: what a run's measured peak, less activations, should stay under.
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import jax
 import jax.numpy as jnp
+import optax
 
+from weight_averaging import averagers
 from weight_averaging import placement as placement_lib
 from weight_averaging.algoperf_api import catalog
 from weight_averaging.algoperf_api import hyperparameters as hp
 from weight_averaging.algoperf_api import memory, recipes
+from weight_averaging.optimizers import shampoo as shampoo_lib
 from weight_averaging.studies import configs, workload_facts
 
 
@@ -54,12 +60,19 @@ HARDWARE: Dict[str, Hardware] = {h.name: h for h in (
     Hardware("8x V100 16 GB", 8, 16 * 2**30),   # AlgoPerf v0.5's
 )}
 LEADERBOARD = "4x A100 40 GB"
+V100 = "8x V100 16 GB"
 RAISED_FRACTION = ("criteo1tb", "imagenet_vit", "librispeech_conformer",
                    "librispeech_deepspeech")
 DEFAULT_FRACTION = 0.75
 # (workload, submission) the pmap API cannot fit on LEADERBOARD: 20 replicated copies of
 # Criteo's 2.16 GB embedding. workloads_config/criteo1tb.json says so in its notes.
 PMAP_DOES_NOT_FIT = (("criteo1tb", "nadamw_lawa"), ("criteo1tb", "shampoo_lawa"))
+# What the pmap API (replicated only) cannot fit on V100, AlgoPerf v0.5's machine (12 or
+# 12.8 GiB limit), at any shipped point: LAWA's 20 copies of WMT's params; on Criteo the
+# averaged states and Shampoo's, and by the step peak NadamW too, though AlgoPerf ran
+# NadamW there: the CPU backend's temporaries (`STEP_TEMP_PER_PARAM_BYTE`) overstate a GPU's.
+V100_PMAP_DOES_NOT_FIT = tuple((w, s) for w in ("criteo1tb",) for s in catalog.NAMES) + (
+    ("wmt", "nadamw_lawa"), ("wmt", "shampoo_lawa"))
 
 SHAPES_DIR = os.path.join(configs.CONFIG_DIR, "param_shapes")
 
@@ -185,6 +198,19 @@ class PlanRow(NamedTuple):
   placement: Optional[str]                  # what runs; None without averaging
   footprint: memory.Footprint
   fits: bool                                # footprint.device <= FRACTION x limit
+  gradients: int = 0                        # the step's float32 gradients (`step_bytes`)
+  temporaries: int = 0                      # the optimizer step's (`step_bytes`)
+
+  @property
+  def peak(self) -> int:
+    """Predicted device bytes while a step runs: the state (``footprint.device``), the
+    gradients and the optimizer step's temporaries. Activations are not counted."""
+    return self.footprint.device + self.gradients + self.temporaries
+
+  @property
+  def peak_fits(self) -> bool:
+    """Whether `peak` is within the device's limit (the whole of it)."""
+    return self.peak <= self.limit
 
 
 def plan_row(workload: str, submission: str, hardware: str, point: Any = None,
@@ -199,9 +225,10 @@ def plan_row(workload: str, submission: str, hardware: str, point: Any = None,
   params = load_shapes(workload) if params is None else params
   limit = device_limit(machine, workload)
   base = _base_footprint(workload, sub.optimizer, point, step_hint, params)
+  step = step_bytes(sub.optimizer, params, point)
   if sub.averager is None:
     return PlanRow(workload, submission, hardware, api, limit, "-", None, base,
-                   base.device <= memory.FRACTION * limit)
+                   base.device <= memory.FRACTION * limit, *step)
   asked = hp.averaging_config(point, step_hint).placement
   names = (memory.candidates(api, host_available=True) if asked == placement_lib.AUTO
            else (asked,))
@@ -215,7 +242,7 @@ def plan_row(workload: str, submission: str, hardware: str, point: Any = None,
   choice, _ = memory.choose(options, limit)
   f = options[choice]
   return PlanRow(workload, submission, hardware, api, limit, asked, choice, f,
-                 f.device <= memory.FRACTION * limit)
+                 f.device <= memory.FRACTION * limit, *step)
 
 
 # The plan evaluates the same states many times (a search space's points share their
@@ -257,6 +284,85 @@ def _averaging_bytes(workload: str, averager: str, point: Any, placement: str,
     _AVERAGING_CACHE[key] = memory.averaging_bytes(
         lambda p: make(point, every, p), params, placement, num_devices)
   return _AVERAGING_CACHE[key]
+
+
+# ----------------------------------------------------------------------------
+# The optimizer step's transient bytes.
+
+# Temporaries of one donated optimizer step, an upper bound of `step_memory` (jit 0.7.0,
+# CPU backend, real shapes; measured temp / params: NadamW 2.1 to 3.0, Shampoo 3.0 to 5.2).
+# Shampoo adds its blocks' copies, one leaf's outer products and a few root chunks
+# (an eigendecomposition keeps about six copies of its input).
+STEP_TEMP_PER_PARAM_BYTE = 3.25
+SHAMPOO_TEMP_PER_PRECONDITIONED_BYTE = 2.5
+SHAMPOO_TEMP_PER_STATISTICS_BYTE = 0.5
+SHAMPOO_ROOT_TEMP = 8 * shampoo_lib.ShampooConfig().root_chunk_bytes
+
+
+def step_bytes(optimizer: str, params: Any, point: Any = None) -> Tuple[int, int]:
+  """``(gradients, temporaries)`` predicted for one optimizer step on one device: the
+  float32 gradients of the floating params, and `STEP_TEMP_PER_PARAM_BYTE` x their bytes
+  (Shampoo at `point`: + the other constants x its preconditioned params' and statistics'
+  bytes + `SHAMPOO_ROOT_TEMP`), the formula tests/test_memory.py checks on `step_memory`.
+  """
+  floating = [x for x in params if jnp.issubdtype(x.dtype, jnp.floating)]
+  grads = sum(4 * memory.leaf_bytes(x) // x.dtype.itemsize for x in floating)
+  temp = STEP_TEMP_PER_PARAM_BYTE * memory.tree_bytes(floating)
+  if optimizer == "shampoo":
+    config = shampoo_lib.ShampooConfig(**hp.shampoo_config(point).transform)
+    plan = shampoo_lib.block_plan(
+        [x.shape for x in floating], block_size=config.block_size,
+        merge_dims_threshold=config.merge_dims_threshold, skip_dim_gt=config.skip_dim_gt,
+        exponent_override=config.exponent_override)
+    temp += SHAMPOO_TEMP_PER_PRECONDITIONED_BYTE * sum(
+        memory.leaf_bytes(x) for x, lp in zip(floating, plan.leaves) if lp.preconditioned)
+    temp += SHAMPOO_TEMP_PER_STATISTICS_BYTE * sum(4 * n * d * d for d, _, n in plan.stacks)
+    temp += SHAMPOO_ROOT_TEMP
+  return grads, int(temp)
+
+
+class StepMemory(NamedTuple):
+  """XLA's compile-time memory analysis (bytes) of ``(params, grads, state) -> (params -
+  update, new state)`` on one device, params and state donated as in the submissions."""
+
+  argument: int   # params, gradients, optimizer state
+  output: int     # new params and optimizer state
+  alias: int      # output bytes written into donated arguments
+  temp: int       # the step's temporaries
+  code: int       # generated code
+
+  @property
+  def peak(self) -> int:
+    """Bytes live at once at most: arguments + outputs not aliased + temporaries."""
+    return self.argument + self.output - self.alias + self.temp
+
+
+def step_memory(transform, params: Any) -> StepMemory:
+  """`StepMemory` of the optax `transform`'s update on abstract `params` (nothing is
+  allocated: ``jit(...).lower(...).compile().memory_analysis()``)."""
+  params = averagers.floating_part(params)
+  grads = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                 params)
+  state = jax.eval_shape(transform.init, params)
+
+  def step(params, grads, state):
+    updates, state = transform.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  m = jax.jit(step, donate_argnums=(0, 2)).lower(params, grads, state).compile(
+      ).memory_analysis()
+  return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                    int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
+                    int(m.generated_code_size_in_bytes))
+
+
+def workload_step_memory(workload: str, optimizer: str, point: Any = None,
+                         params: Optional[Any] = None) -> StepMemory:
+  """`step_memory` of `optimizer` at `point` (None: self-tuning) on `workload`'s shapes."""
+  step_hint = workload_facts.ALGOPERF_WORKLOADS[workload].step_hint
+  params = load_shapes(workload) if params is None else params
+  transform = getattr(recipes, f"{optimizer}_from_hyperparameters")(point, step_hint)
+  return step_memory(transform, params)
 
 
 def plan(workloads: Sequence[str] = tuple(workload_facts.ALGOPERF_WORKLOADS),

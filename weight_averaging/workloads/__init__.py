@@ -1,8 +1,10 @@
 """Embedded workloads with AlgoPerf's `Workload` interface, small enough for a laptop CPU."""
 
 from weight_averaging.workloads.teacher_student import TeacherStudentWorkload
+from weight_averaging.workloads.teacher_student_bn import TeacherStudentBNWorkload
 
-WORKLOADS = {"teacher_student": TeacherStudentWorkload}
+WORKLOADS = {"teacher_student": TeacherStudentWorkload,
+             "teacher_student_bn": TeacherStudentBNWorkload}
 DEFAULT = "teacher_student"
 
 

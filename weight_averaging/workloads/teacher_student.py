@@ -47,6 +47,8 @@ class ForwardPassMode(enum.Enum):
 class ParameterType(enum.Enum):
   WEIGHT = 0
   BIAS = 1
+  BATCH_NORM_SCALE = 3  # AlgoPerf's numbering
+  BATCH_NORM_BIAS = 4
 
 
 if _algoperf_spec is not None:  # pragma: no cover - depends on the environment
@@ -119,6 +121,9 @@ class TeacherStudentWorkload:
   eval_batch_size = 4096
   default_batch_size = 64
   loss_type = "softmax_cross_entropy"
+  # The examples of a split, ``data(split) -> (inputs, targets)``: a subclass may
+  # transform them, the batching and sharding below stay.
+  data = staticmethod(split_data)
 
   def __init__(self, api: str = "jit", hidden: tuple = HIDDEN):
     """`hidden` widens the student (benchmarks); the target is for the default."""
@@ -214,7 +219,7 @@ class TeacherStudentWorkload:
     builds only the rows its own devices hold: with several processes each one
     reads and transfers its share of the batch only.
     """
-    inputs, targets = split_data("train")
+    inputs, targets = self.data("train")
     if self.api == "pmap":
       n = jax.local_device_count()
       return jax.tree_util.tree_map(
@@ -239,7 +244,7 @@ class TeacherStudentWorkload:
     if global_batch_size % n:
       raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
                        f"{n} devices")
-    inputs, targets = split_data("train")
+    inputs, targets = self.data("train")
     seed = [int(v) for v in np.asarray(data_rng, np.uint32).ravel()]
     per_epoch = len(inputs) // global_batch_size
     step = start_step
@@ -273,7 +278,7 @@ class TeacherStudentWorkload:
     params = jax.device_get(params)
     results = {}
     for split in ("train", "validation", "test"):
-      inputs, targets = split_data("eval_train" if split == "train" else split)
+      inputs, targets = self.data("eval_train" if split == "train" else split)
       for name, value in self._eval_fn(params, inputs, targets).items():
         results[f"{split}/{name}"] = float(value)
     return results

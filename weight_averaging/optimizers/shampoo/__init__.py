@@ -39,8 +39,10 @@ with :math:`w = 1 - \mu` for moving-average momentum and :math:`w = 1` otherwise
 
 The roots of all blocks are computed in a few batched calls: statistics of the
 same size and exponent live in one ``[n, d, d]`` stack, and the root is ``vmap``-ed
-over the stack under a `jax.lax.cond`, so the eigendecompositions only run on the
-steps that need them and compile time does not grow with the number of blocks.
+over chunks of the stack (``root_chunk_bytes``) in a loop under a `jax.lax.cond`, so the
+eigendecompositions only run on the steps that need them, compile time does not grow
+with the number of blocks, and their temporaries are a few chunks. New statistics and
+roots are written into their stacks in place, so a donated state needs no second copy.
 With ``axis_name`` (pmap, or `shard_map` under jit) or ``mesh`` (plain jit), every
 device computes the roots of its share of each stack and the shares are gathered,
 so all devices hold bitwise-equal roots.
@@ -66,7 +68,8 @@ from weight_averaging.optimizers.shampoo.blocks import (BlockGroup, BlockPlan, L
 from weight_averaging.optimizers.shampoo.config import GRAFT_TYPES, ShampooConfig
 from weight_averaging.optimizers.shampoo.presets import PRESETS, shampoo_hyperparameters
 from weight_averaging.optimizers.shampoo.roots import (ROOT_METHODS, batched_inverse_pth_roots,
-                                                       matrix_inverse_pth_root, root_is_valid)
+                                                       chunk_length, matrix_inverse_pth_root,
+                                                       refresh_roots, root_is_valid)
 from weight_averaging.optimizers.shampoo.transform import (NORM_EPS, ScaleByShampooState,
                                                            distributed_shampoo,
                                                            scale_by_shampoo)
@@ -74,5 +77,5 @@ from weight_averaging.optimizers.shampoo.transform import (NORM_EPS, ScaleBySham
 __all__ = ["BlockGroup", "BlockPlan", "LeafPlan", "block_groups", "block_plan", "merge_blocks",
            "merge_small_dims", "split_into_blocks", "GRAFT_TYPES", "ShampooConfig", "PRESETS",
            "shampoo_hyperparameters", "ROOT_METHODS", "batched_inverse_pth_roots",
-           "matrix_inverse_pth_root", "root_is_valid", "NORM_EPS", "ScaleByShampooState",
+           "chunk_length", "matrix_inverse_pth_root", "refresh_roots", "root_is_valid", "NORM_EPS", "ScaleByShampooState",
            "distributed_shampoo", "scale_by_shampoo"]

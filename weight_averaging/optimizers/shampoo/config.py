@@ -8,7 +8,7 @@ from typing import Any, Optional
 import jax
 from jax import lax
 
-from weight_averaging.optimizers.shampoo.roots import ROOT_METHODS
+from weight_averaging.optimizers.shampoo.roots import DEFAULT_CHUNK_BYTES, ROOT_METHODS
 
 GRAFT_TYPES = ("sgd", "adam", "rmsprop", "rmsprop_normalized")
 
@@ -49,6 +49,10 @@ class ShampooConfig:
     mesh: mesh over which the roots are split under jit (with ``mesh_axis_name``).
     mesh_axis_name: the mesh axis used with ``mesh``.
     precision: precision of the preconditioning and root matmuls.
+    root_chunk_bytes: the roots of a stack are computed this many bytes of
+      statistics at a time (at least one matrix; `roots.chunk_length`), so the
+      eigendecompositions' temporaries are a few chunks, not a few stacks. The
+      roots do not depend on it.
     newton_iterations, newton_tolerance, power_iterations: see
       `matrix_inverse_pth_root`.
   """
@@ -85,6 +89,7 @@ class ShampooConfig:
   newton_iterations: int = 100
   newton_tolerance: float = 1e-6
   power_iterations: int = 100
+  root_chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
   def __post_init__(self):
     if self.graft_type not in GRAFT_TYPES:
@@ -92,6 +97,9 @@ class ShampooConfig:
     if self.root_method not in ROOT_METHODS:
       raise ValueError(
           f"root_method must be one of {ROOT_METHODS}, got {self.root_method!r}")
+    if not (isinstance(self.root_chunk_bytes, int) and self.root_chunk_bytes > 0):
+      raise ValueError("root_chunk_bytes must be a positive int (bytes of statistics per "
+                       f"batched root call), got {self.root_chunk_bytes!r}")
     if self.axis_name is not None and self.mesh is not None:
       raise ValueError("give at most one of axis_name (pmap/shard_map) and mesh (jit)")
 
@@ -126,11 +134,11 @@ class ShampooConfig:
     return (1.0 - self.momentum) if self.moving_average_for_momentum else 1.0
 
   def root_kwargs(self) -> dict:
-    """The keyword arguments of `batched_inverse_pth_roots` (and so of
-    `matrix_inverse_pth_root`) this config sets."""
+    """The keyword arguments of `refresh_roots` (`batched_inverse_pth_roots`, and so
+    `matrix_inverse_pth_root`, but the chunking) this config sets."""
     return dict(epsilon=self.matrix_epsilon, relative_epsilon=self.relative_matrix_epsilon,
                 method=self.root_method, newton_iterations=self.newton_iterations,
                 newton_tolerance=self.newton_tolerance,
                 power_iterations=self.power_iterations, precision=self.precision,
                 axis_name=self.axis_name, mesh=self.mesh,
-                mesh_axis_name=self.mesh_axis_name)
+                mesh_axis_name=self.mesh_axis_name, chunk_bytes=self.root_chunk_bytes)

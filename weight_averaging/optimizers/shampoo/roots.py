@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 ROOT_METHODS = ("eigh", "newton")
+# Statistics per batched root call (`chunk_length`): 4 matrices of 1024 x 1024. An
+# eigendecomposition's temporaries are about 6 of its inputs, so about 100 MiB.
+DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 
 def _power_iteration(matrix, num_iters, precision):
@@ -189,49 +192,131 @@ def _shard_map(f, mesh, in_specs, out_specs):
   return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def _pad_with_identity(stack, multiple):
-  """Pads ``[n, d, d]`` to a multiple of ``multiple`` matrices with identities."""
+def chunk_length(n: int, d: int, chunk_bytes: int) -> int:
+  """Matrices per batched root call: as many ``[d, d]`` float32 ones as fit in
+  ``chunk_bytes``, at least one and at most ``n``."""
+  return int(max(1, min(n, chunk_bytes // (4 * d * d))))
+
+
+def _for_each_chunk(n: int, c: int, carry, body):
+  """``carry = body(start, carry)`` for chunk starts covering ``[0, n)`` with chunks of ``c``.
+
+  The starts are ``min(i c, n - c)``: the last chunk is shifted back to end at ``n``
+  rather than padded, so it recomputes up to ``c - 1`` matrices of the one before
+  (the same inputs give the same roots) and nothing is copied to pad the stack. A
+  single chunk runs without a loop.
+  """
+  num = -(-n // c)
+  if num == 1:
+    return body(0, carry)
+  return lax.fori_loop(0, num, lambda i, x: body(jnp.minimum(i * c, n - c), x), carry)
+
+
+def _roots_of_rows(stack, rows, fn, chunk_bytes, normalizer):
+  """``fn`` of the matrices ``stack[min(rows[j], n - 1)]``: ``([m, d, d], [m])``, chunk by chunk.
+
+  The chunks are gathered one at a time from ``stack`` (and divided by
+  ``normalizer``), so the temporaries of ``fn`` scale with the chunk.
+  """
   n, d = stack.shape[0], stack.shape[1]
-  pad = -n % multiple
-  if not pad:
-    return stack
-  eye = jnp.broadcast_to(jnp.eye(d, dtype=stack.dtype), (pad, d, d))
-  return jnp.concatenate([stack, eye], axis=0)
+  m = rows.shape[0]
+  c = chunk_length(m, d, chunk_bytes)
+
+  def body(start, carry):
+    idx = jnp.minimum(lax.dynamic_slice_in_dim(rows, start, c), n - 1)
+    root, err = fn(jnp.take(stack, idx, axis=0) / normalizer)
+    return (lax.dynamic_update_slice_in_dim(carry[0], root, start, 0),
+            lax.dynamic_update_slice_in_dim(carry[1], err, start, 0))
+
+  init = (jnp.zeros((m, d, d), jnp.float32), jnp.zeros((m,), jnp.float32))
+  return _for_each_chunk(m, c, init, body)
+
+
+def _split_roots(stack, fn, n_dev, index, chunk_bytes, normalizer):
+  """This device's share of the roots: rows ``[index s, (index + 1) s)``, ``s = ceil(n / n_dev)``.
+
+  Rows past the stack's end (the last device's share when ``n_dev`` does not divide
+  ``n``) repeat its last matrix and are dropped after the gather.
+  """
+  share = -(-stack.shape[0] // n_dev)
+  rows = index * share + jnp.arange(share)
+  return _roots_of_rows(stack, rows, fn, chunk_bytes, normalizer)
 
 
 def batched_inverse_pth_roots(stack: jnp.ndarray, p: int, *, axis_name: Optional[str] = None,
                               mesh: Optional[jax.sharding.Mesh] = None,
-                              mesh_axis_name: str = "batch", **root_kwargs
+                              mesh_axis_name: str = "batch",
+                              chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                              normalizer: Any = 1.0, **root_kwargs
                               ) -> Tuple[jnp.ndarray, jnp.ndarray]:
-  """`matrix_inverse_pth_root` of every matrix of an ``[n, d, d]`` stack: ``([n, d, d], [n])``.
+  """`matrix_inverse_pth_root` of every matrix of ``stack / normalizer``: ``([n, d, d], [n])``.
 
-  * Neither ``axis_name`` nor ``mesh``: one `jax.vmap` over the stack.
-  * ``axis_name`` (inside `jax.pmap` or `shard_map` over that axis): the stack is padded
-    with identities to a multiple of the axis size, each device computes its contiguous
-    share and `lax.all_gather` reassembles it.
-  * ``mesh`` (plain `jax.jit`): the padded stack is split over ``mesh_axis_name`` by a
-    `shard_map` and constrained back to replicated.
+  The matrices are taken ``chunk_length(., d, chunk_bytes)`` at a time (one
+  `jax.vmap` per chunk, in a loop), so the eigendecompositions' temporaries are a few
+  chunks, not a few stacks; the normalizer (a bias correction, say) is applied per
+  chunk for the same reason. Each matrix's root does not depend on the chunking.
+
+  * Neither ``axis_name`` nor ``mesh``: all chunks on this device.
+  * ``axis_name`` (inside `jax.pmap` or `shard_map` over that axis): each device
+    computes a contiguous share of ``ceil(n / devices)`` matrices and `lax.all_gather`
+    reassembles them.
+  * ``mesh`` (plain `jax.jit`): the same shares in a `shard_map` over
+    ``mesh_axis_name`` (the stack goes in replicated, nothing is padded), then
+    constrained back to replicated.
 
   ``root_kwargs`` are `matrix_inverse_pth_root`'s keyword arguments.
   """
   fn = jax.vmap(functools.partial(matrix_inverse_pth_root, p=p, **root_kwargs))
   n = stack.shape[0]
   if axis_name is not None:
-    n_dev = _axis_size(axis_name)
-    padded = _pad_with_identity(stack, n_dev)
-    share = padded.shape[0] // n_dev
-    local = lax.dynamic_slice_in_dim(padded, lax.axis_index(axis_name) * share, share)
-    root, err = fn(local)
+    root, err = _split_roots(stack, fn, _axis_size(axis_name), lax.axis_index(axis_name),
+                             chunk_bytes, normalizer)
     root = lax.all_gather(root, axis_name, tiled=True)
     err = lax.all_gather(err, axis_name, tiled=True)
     return root[:n], err[:n]
   if mesh is not None:
     n_dev = mesh.shape[mesh_axis_name]
-    padded = _pad_with_identity(stack, n_dev)
-    split = PartitionSpec(mesh_axis_name)
-    root, err = _shard_map(fn, mesh, in_specs=(split,), out_specs=(split, split))(padded)
+    local = lambda s, z: _split_roots(s, fn, n_dev, lax.axis_index(mesh_axis_name),
+                                      chunk_bytes, z)
+    split, whole = PartitionSpec(mesh_axis_name), PartitionSpec()
+    root, err = _shard_map(local, mesh, in_specs=(whole, whole),
+                           out_specs=(split, split))(stack, jnp.asarray(normalizer,
+                                                                        jnp.float32))
     replicated = NamedSharding(mesh, PartitionSpec())
     root = lax.with_sharding_constraint(root, replicated)
     err = lax.with_sharding_constraint(err, replicated)
     return root[:n], err[:n]
-  return fn(stack)
+  return _roots_of_rows(stack, jnp.arange(n), fn, chunk_bytes, normalizer)
+
+
+def refresh_roots(stack: jnp.ndarray, old_roots: jnp.ndarray, p: int, *,
+                  threshold: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  normalizer: Any = 1.0, axis_name: Optional[str] = None,
+                  mesh: Optional[jax.sharding.Mesh] = None, **root_kwargs) -> jnp.ndarray:
+  r"""The roots of ``stack / normalizer``, each kept only if valid, else the old one.
+
+  .. math:: P_j \leftarrow 	ext{root}(L_j / z) \ 	ext{if}\ 	ext{error}_j < 	ext{threshold}
+            \ 	ext{else}\ P_j
+
+  (`root_is_valid`). On one device the new roots are written chunk by chunk into
+  ``old_roots``' buffer (which a donated state lets XLA update in place), so no
+  second stack of roots is made; split over devices, the gathered roots are selected
+  against the old ones. ``root_kwargs``: as in `batched_inverse_pth_roots`.
+  """
+  if axis_name is not None or mesh is not None:
+    root, err = batched_inverse_pth_roots(stack, p, axis_name=axis_name, mesh=mesh,
+                                          chunk_bytes=chunk_bytes, normalizer=normalizer,
+                                          **root_kwargs)
+    return jnp.where(root_is_valid(err, threshold)[:, None, None], root, old_roots)
+  root_kwargs.pop("mesh_axis_name", None)
+  fn = jax.vmap(functools.partial(matrix_inverse_pth_root, p=p, **root_kwargs))
+  n, d = stack.shape[0], stack.shape[1]
+  c = chunk_length(n, d, chunk_bytes)
+
+  def body(start, roots):
+    root, err = fn(lax.dynamic_slice_in_dim(stack, start, c) / normalizer)
+    old = lax.dynamic_slice_in_dim(roots, start, c)
+    new = jnp.where(root_is_valid(err, threshold)[:, None, None], root, old)
+    return lax.dynamic_update_slice_in_dim(roots, new, start, 0)
+
+  return _for_each_chunk(n, c, old_roots, body)

@@ -20,7 +20,7 @@ from weight_averaging.optimizers import common
 from weight_averaging.optimizers.shampoo import blocks
 from weight_averaging.optimizers.shampoo.config import ShampooConfig
 from weight_averaging.optimizers.shampoo.presets import shampoo_hyperparameters
-from weight_averaging.optimizers.shampoo.roots import batched_inverse_pth_roots, root_is_valid
+from weight_averaging.optimizers.shampoo.roots import refresh_roots
 
 # Guards the divisions by a norm (grafting and the normalized RMSProp input).
 NORM_EPS = 1e-16
@@ -98,34 +98,36 @@ def _graft(config: ShampooConfig, g, x, v, t):
 
 
 def _update_statistics(config: ShampooConfig, plan, grads, stats):
-  r""":math:`L_i \leftarrow \beta_2 L_i + (1-\beta_2) G_{(i)} G_{(i)}^\top`, stack by stack."""
-  parts = [[] for _ in plan.stacks]
+  r""":math:`L_i \leftarrow \beta_2 L_i + (1-\beta_2) G_{(i)} G_{(i)}^\top`, slot by slot.
+
+  Each block group's new statistics are written into their slots of the stack
+  (`lax.dynamic_update_slice`), so a donated state is updated in place: the
+  temporaries are one group's outer products, not a second stack.
+  """
+  new = list(stats)
+  b2 = config.beta2
   for lp, g in zip(plan.leaves, grads):
     if not lp.preconditioned:
       continue
     g_blocks = blocks.split_into_blocks(g.reshape(lp.merged_shape), config.block_size)
     for gb, slots in zip(g_blocks, lp.slots):
       for dim, (si, off) in enumerate(slots):
-        parts[si].append((off, blocks.block_statistics(gb, dim, config.precision)))
-  new = []
-  for s, items in zip(stats, parts):
-    items.sort(key=lambda item: item[0])
-    outer = jnp.concatenate([x for _, x in items], axis=0)
-    new.append(config.beta2 * s + (1.0 - config.beta2) * outer)
+        outer = blocks.block_statistics(gb, dim, config.precision)
+        old = lax.slice_in_dim(new[si], off, off + outer.shape[0])
+        new[si] = lax.dynamic_update_slice_in_dim(new[si], b2 * old + (1.0 - b2) * outer,
+                                                  off, 0)
   return tuple(new)
 
 
 def _compute_roots(config: ShampooConfig, plan, stats, old_roots, count):
-  """The roots of every stack; where a root failed, the old one stays."""
-  new = []
-  num_updates = (count // config.statistics_every + 1).astype(jnp.float32)
-  for (_, p, _), s, old in zip(plan.stacks, stats, old_roots):
-    if config.statistics_bias_correction:
-      s = s / (1.0 - config.beta2 ** num_updates)
-    root, err = batched_inverse_pth_roots(s, p, **config.root_kwargs())
-    ok = root_is_valid(err, config.inverse_failure_threshold)
-    new.append(jnp.where(ok[:, None, None], root, old))
-  return tuple(new)
+  """The roots of every stack (`refresh_roots`); where a root failed, the old one stays."""
+  normalizer = 1.0
+  if config.statistics_bias_correction:
+    num_updates = (count // config.statistics_every + 1).astype(jnp.float32)
+    normalizer = 1.0 - config.beta2 ** num_updates
+  return tuple(refresh_roots(s, old, p, threshold=config.inverse_failure_threshold,
+                             normalizer=normalizer, **config.root_kwargs())
+               for (_, p, _), s, old in zip(plan.stacks, stats, old_roots))
 
 
 def _direction(config: ShampooConfig, lp: blocks.LeafPlan, x, a, roots):

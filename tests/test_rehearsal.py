@@ -1,0 +1,173 @@
+"""The rehearsal's logic that needs no algoperf: settings, result files, skips, memory, table.
+
+The runs themselves (through the official runner) are in tests/test_algoperf_upstream.py.
+"""
+
+import json
+import os
+
+import pytest
+
+from weight_averaging.rehearsal import cells, launch
+
+GIB = 2**30
+
+
+def test_eval_steps_have_an_eval_to_train_from_and_a_preemption_point():
+  assert cells.eval_steps(6) == [1, 3, 6]
+  assert cells.eval_steps(2) == [1, 2]
+  assert cells.preempt_step(6) == 3 and cells.preempt_step(2) == 1
+  with pytest.raises(ValueError, match="--steps must be at least 2"):
+    cells.eval_steps(1)
+
+
+def test_first_point_applies_the_rehearsal_overrides(tmp_path):
+  points = [{"learning_rate": 0.1, "averaging_every_fraction": 0.0005},
+            {"learning_rate": 0.2}]
+  path = tmp_path / "space.json"
+  path.write_text(json.dumps(points))
+  assert cells.first_point(str(path), "nadamw") == points[0]
+  lawa = cells.first_point(str(path), "shampoo_lawa")
+  assert lawa["learning_rate"] == 0.1
+  assert lawa["averaging_every_fraction"] is None and lawa["averaging_every"] == 2
+  assert lawa["preconditioning_every"] == 1 and lawa["start_preconditioning_step"] == 0
+  path.write_text(json.dumps({"learning_rate": {"min": 0.1, "max": 1}}))
+  with pytest.raises(ValueError, match="non-empty list of points"):
+    cells.first_point(str(path), "nadamw")
+
+
+def test_every_shipped_search_space_has_a_first_point():
+  for name in cells.OURS:
+    point = cells.first_point(cells.search_space(name, launch.REPO, "/nowhere"), name)
+    assert "learning_rate" in point
+
+
+def test_results_are_saved_reused_and_pending_keeps_the_reference_in_the_same_process(tmp_path):
+  out = str(tmp_path)
+  assert cells.pending(out, "ogbg", cells.SUBMISSIONS, False) == list(cells.SUBMISSIONS)
+  for name in (cells.REFERENCE, "nadamw"):
+    cells.save_result(out, dict(workload="ogbg", submission=name, status="passed"))
+  assert cells.load_result(out, "ogbg", "nadamw")["status"] == "passed"
+  assert not os.path.exists(cells.result_path(out, "ogbg", "nadamw") + ".tmp")
+  # nadamw_lawa still runs, and so does the reference: the ratio's denominator.
+  assert cells.pending(out, "ogbg", [cells.REFERENCE, "nadamw", "nadamw_lawa"], False) == [
+      cells.REFERENCE, "nadamw_lawa"]
+  assert cells.pending(out, "ogbg", [cells.REFERENCE, "nadamw"], False) == []
+  assert cells.pending(out, "ogbg", ["nadamw"], True) == ["nadamw"]
+  assert cells.pending(out, "ogbg", ["nadamw_lawa"], False) == ["nadamw_lawa"]
+
+
+def test_last_line_of_a_traceback():
+  tb = "Traceback (most recent call last):\n  File x\nValueError: shapes (1, 3) and (3,)\n\n"
+  assert cells.last_line(tb) == "ValueError: shapes (1, 3) and (3,)"
+  assert cells.failed("wmt", "nadamw", tb)["reason"] == "ValueError: shapes (1, 3) and (3,)"
+  assert cells.last_line("") == "(no message)"
+
+
+def test_memory_guard_skips_with_the_numbers_and_the_margin():
+  plan = dict(params=1 * GIB, optimizer=2 * GIB, averaging=20 * GIB, stash=1 * GIB)
+  need = cells.memory_needed(plan)
+  assert need == int(cells.MARGIN * 24 * GIB + cells.BASELINE)
+  assert cells.memory_skip_reason(plan, need) is None
+  reason = cells.memory_skip_reason(plan, need - 1)
+  assert reason.startswith("memory: memory_plan predicts 24.00 GiB of state")
+  assert "averaging 20.00 GiB" in reason and "available" in reason
+
+
+def test_memory_mismatches_name_the_field():
+  plan = dict(params=100 * 2**20, optimizer=200 * 2**20, averaging=0, stash=0)
+  assert cells.memory_mismatches(plan, plan) == []
+  measured = dict(plan, optimizer=300 * 2**20, averaging=5)
+  found = cells.memory_mismatches(measured, plan)
+  assert len(found) == 2
+  assert found[0].startswith("optimizer: 300.0 MiB measured vs 200.0 MiB planned")
+  assert found[1].startswith("averaging:")
+
+
+def test_available_bytes_is_the_smaller_of_machine_and_budget(tmp_path):
+  meminfo, status = tmp_path / "meminfo", tmp_path / "status"
+  meminfo.write_text("MemTotal: 100 kB\nMemAvailable:    8388608 kB\n")  # 8 GiB
+  status.write_text("Name: x\nVmRSS:\t 1048576 kB\n")                   # 1 GiB
+  assert cells.available_bytes(12 * GIB, str(meminfo), str(status)) == 8 * GIB
+  assert cells.available_bytes(4 * GIB, str(meminfo), str(status)) == 3 * GIB
+  status.write_text("Name: x\n")
+  with pytest.raises(ValueError, match="VmRSS not found"):
+    cells.available_bytes(GIB, str(meminfo), str(status))
+
+
+def test_table_orders_rows_and_formats_each_status():
+  passed = dict(workload="ogbg", submission="nadamw_lawa", status="passed",
+                sec_per_step=0.25, ratio=1.25, continuation="equal", restore="equal",
+                memory=dict(params=GIB, optimizer=2 * GIB, averaging=0, stash=GIB),
+                peak_rss=3 * GIB,
+                plan=dict(params=GIB, optimizer=2 * GIB, averaging=0, stash=GIB))
+  skip = cells.skipped("finewebedu_lm", "nadamw", cells.NOT_IN_CHECKOUT["finewebedu_lm"])
+  fail = cells.failed("mnist", cells.REFERENCE, "Error\nTypeError: a | b")
+  lines = cells.table([skip, passed, fail]).splitlines()
+  assert lines[0].startswith("| workload | submission | status |")
+  assert len(lines) == 5 and all(l.count("|") == len(cells.COLUMNS) + 1 for l in lines)
+  assert lines[2].startswith("| mnist | reference_nadamw | failed: TypeError: a / b |")
+  assert lines[3].split(" | ")[2:7] == ["passed", "0.250", "1.25", "equal", "equal"]
+  assert "1.00 GiB/2.00 GiB/0.0 MiB/1.00 GiB" in lines[3]
+  assert lines[4].startswith("| finewebedu_lm | nadamw | skipped: not in the algoperf checkout")
+
+
+def test_unknown_names_and_missing_algoperf(tmp_path):
+  with pytest.raises(ValueError, match=r"unknown workload or submission \['cifar'\]"):
+    launch.rehearse(["cifar"], ["nadamw"], str(tmp_path), 6)
+  results = launch.rehearse(["ogbg"], ["nadamw"], str(tmp_path), 6,
+                            algoperf_dir=str(tmp_path / "no_checkout"))
+  assert results[0]["status"] == "skipped"
+  assert "algoperf is not installed" in results[0]["reason"]
+  # A skip is a result: reused, not redone.
+  assert cells.pending(str(tmp_path), "ogbg", ["nadamw"], False) == []
+
+
+def test_a_traceback_names_where_it_was_raised():
+  tb = ('Traceback (most recent call last):\n'
+        '  File "/x/submission_runner.py", line 331, in train_once\n'
+        '  File "/x/algoperf/algoperf/checkpoint_utils.py", line 127, in maybe_restore\n'
+        "AttributeError: 'NoneType' object has no attribute 'items'\n")
+  assert cells.with_origin(tb) == ("AttributeError: 'NoneType' object has no attribute "
+                                   "'items' (at algoperf/checkpoint_utils.py:127)")
+  assert cells.with_origin("plain message") == "plain message"
+
+
+def _record(prepares, rows=()):
+  from types import SimpleNamespace
+  return SimpleNamespace(prepares=[dict(step=s, live=l, returned=r, model_state="m")
+                                   for s, l, r in prepares], rows=list(rows))
+
+
+def test_continuation_needs_equal_ends_and_an_average_unlike_the_live_params():
+  from weight_averaging.rehearsal import driver
+  main = _record([(1, "a", "x"), (3, "b", "y"), (6, "c", "z")])
+  assert driver.continuation(main, _record([(6, "c", "z")])) == "equal"
+  # Trained from the average after an eval: the live params at the end differ.
+  assert driver.continuation(main, _record([(6, "d", "z")])) == "differs: live params"
+  # Every eval's average was the live params: a wrong swap would not show.
+  same = _record([(1, "a", "a"), (6, "c", "z")])
+  assert driver.continuation(same, _record([(6, "c", "z")])).startswith("equal (not shown")
+
+
+def test_restore_compares_the_last_eval_row():
+  from weight_averaging.rehearsal import driver
+  rows = [(3, {"validation/loss": 1.0, "score": 5.0}), (6, {"validation/loss": 0.5,
+                                                            "score": 9.0})]
+  main = _record([(6, "c", "z")], rows)
+  resumed = _record([(6, "c", "z")], [(6, {"validation/loss": 0.5, "score": 2.0})])
+  assert driver.compare(main, resumed, rows=True) == "equal"  # times may differ
+  resumed.rows = [(6, {"validation/loss": 0.6})]
+  assert driver.compare(main, resumed, rows=True) == "differs: eval validation/loss"
+  resumed.rows = []
+  assert driver.compare(main, resumed, rows=True) == "differs: no eval at step 6"
+
+
+def test_step_seconds_leave_out_the_compiling_steps_and_jax_notes_are_not_the_error():
+  assert cells.step_seconds([9.0, 8.0, 0.3, 0.1, 0.2]) == 0.2
+  assert cells.step_seconds([9.0, 8.0, 0.3, 0.1]) == pytest.approx(0.2)
+  assert cells.step_seconds([9.0, 8.0]) is None
+  tb = ("TypeError: dot_general requires contracting dimensions to have the same shape\n\n"
+        "--------------------\nFor simplicity, JAX has removed its internal frames from the "
+        "traceback of the following exception. Set JAX_TRACEBACK_FILTERING=off.\n")
+  assert cells.last_line(tb).startswith("TypeError: dot_general requires")
