@@ -35,20 +35,6 @@ def scores(tmp_path_factory):
   return scores_file.load(path)
 
 
-@pytest.fixture
-def captured(monkeypatch):
-  """The figures as drawn: `_save` keeps them (and still writes the files)."""
-  figures = {}
-  save = plots._save
-
-  def keep(fig, output_dir, name):
-    figures[name] = fig
-    return save(fig, output_dir, name)
-
-  monkeypatch.setattr(plots, "_save", keep)
-  return figures
-
-
 def _bars(fig):
   ax = fig.axes[0]
   return {p.get_label(): p.get_height() for p in ax.patches if not p.get_label().startswith("_")}

@@ -62,19 +62,6 @@ def schedules(tmp_path_factory):
   return str(root)
 
 
-@pytest.fixture
-def captured(monkeypatch):
-  figures = {}
-  save = plots._save
-
-  def keep(fig, output_dir, name):
-    figures[name] = fig
-    return save(fig, output_dir, name)
-
-  monkeypatch.setattr(plots, "_save", keep)
-  return figures
-
-
 def _bars(ax, label):
   """``{x: (low, high)}`` of the min-max bars drawn for the series `label`."""
   (bars,) = [c for c in ax.collections if c.get_label() == f"_{label}: min-max"]
