@@ -40,6 +40,9 @@ def main(argv=None):
                  help="what one workload's process may use; a cell predicted above it is skipped")
   p.add_argument("--algoperf_dir", default=None, help="the AlgoPerf checkout ($ALGOPERF_DIR)")
   p.add_argument("--timeout_s", type=float, default=None, help="per workload process")
+  p.add_argument("--process_per_cell", action="store_true",
+                 help="a fresh process per cell (the reference again in each): the memory "
+                      "guard then sees only that cell, at one workload init each")
   p.add_argument("--no_twin", action="store_true", help="skip the eval-continuation run")
   p.add_argument("--no_restore", action="store_true", help="skip the restore check")
   p.add_argument("--keep_runs", action="store_true", help="keep each run's experiment dir")
@@ -48,7 +51,8 @@ def main(argv=None):
       args.workloads, args.submissions, args.output_dir, args.steps, args.batch_size,
       overwrite=args.overwrite, memory_limit=int(args.memory_limit_gb * cells.GIB),
       algoperf_dir=args.algoperf_dir, timeout_s=args.timeout_s, no_twin=args.no_twin,
-      no_restore=args.no_restore, keep_runs=args.keep_runs)
+      no_restore=args.no_restore, keep_runs=args.keep_runs,
+      process_per_cell=args.process_per_cell)
   print(cells.table(results))
   return 0
 

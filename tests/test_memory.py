@@ -275,6 +275,36 @@ def test_the_builder_allocates_the_planned_state(api, limit, want, monkeypatch, 
       assert host_bytes == planned.host
 
 
+def test_averaged_batch_statistics_are_planned_too(monkeypatch):
+  """Under averaging_model_state='average' the averager and the stash hold (params,
+  model_state): the plan counts both, and the built state has exactly those bytes."""
+  monkeypatch.delenv(memory.DEVICE_BYTES_ENV, raising=False)
+  sub = builder.build_submission(recipes.nadamw_from_hyperparameters,
+                                 recipes.lawa_from_hyperparameters, api="jit")
+  mesh = NamedSharding(builder.batch_mesh(), PartitionSpec())
+  params = jax.device_put(real_params(), mesh)
+  model_state = jax.device_put({"batch_stats": {"mean": jnp.zeros((64,)),
+                                                "var": jnp.ones((64,))}}, mesh)
+  hparams = dict(hp.SELF_TUNING_NADAMW, lawa_k=20, averaging_every=1,
+                 averaging_model_state="average")
+  state, runtime = sub.init_optimizer_state(Workload(), params, model_state, hparams, None)
+  lawa = lambda p: make("lawa", p, k=20)
+  plan = lambda tracked: memory.footprints(
+      memory.abstract(params), runtime.optimizer, lawa, ("replicated",), len(jax.devices()),
+      tracked)["replicated"]
+  with_stats = plan(memory.abstract((params, model_state)))
+  assert with_stats.stash == PARAM_BYTES + 2 * 64 * 4
+  assert with_stats.averaging > plan(None).averaging
+  for device_bytes, _ in per_device(state).values():
+    assert device_bytes == with_stats.optimizer + with_stats.averaging + with_stats.stash + 4
+  # A device that holds the replicated average of the params but not of the pair: 'auto'
+  # must not pick replicated.
+  limit = (plan(None).device + with_stats.device) / 2 / memory.FRACTION
+  monkeypatch.setenv(memory.DEVICE_BYTES_ENV, str(int(limit)))
+  _, runtime = sub.init_optimizer_state(Workload(), params, model_state, hparams, None)
+  assert runtime.averager.placement.name != "replicated"
+
+
 def test_with_several_processes_process_0_decides(tmp_path):
   """2 processes x 2 CPU devices whose limits disagree (1 B and 10 GB) run one program."""
   from weight_averaging.runner import distributed  # pylint: disable=import-outside-toplevel

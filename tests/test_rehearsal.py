@@ -171,3 +171,26 @@ def test_step_seconds_leave_out_the_compiling_steps_and_jax_notes_are_not_the_er
         "--------------------\nFor simplicity, JAX has removed its internal frames from the "
         "traceback of the following exception. Set JAX_TRACEBACK_FILTERING=off.\n")
   assert cells.last_line(tb).startswith("TypeError: dot_general requires")
+
+
+def _fake_checkout(root):
+  for name in ("submission_runner.py", "tests/reference_algorithm_tests.py"):
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text("")
+  (root / "algoperf" / "workloads" / "ogbg").mkdir(parents=True)
+  return str(root)
+
+
+@pytest.mark.parametrize("per_cell", [False, True])
+def test_a_process_per_cell_reruns_the_reference_in_each(tmp_path, monkeypatch, per_cell):
+  calls = []
+  monkeypatch.setattr(launch, "run_workload",
+                      lambda workload, group, *a, log_name, **k: calls.append((group, log_name)))
+  root = _fake_checkout(tmp_path / "checkout")
+  launch.rehearse(["ogbg"], [cells.REFERENCE, "nadamw", "shampoo_lawa"], str(tmp_path / "out"),
+                  6, algoperf_dir=root, process_per_cell=per_cell)
+  if per_cell:
+    assert calls == [([cells.REFERENCE, "nadamw"], "driver_nadamw.log"),
+                     ([cells.REFERENCE, "shampoo_lawa"], "driver_shampoo_lawa.log")]
+  else:
+    assert calls == [([cells.REFERENCE, "nadamw", "shampoo_lawa"], "driver.log")]

@@ -80,7 +80,7 @@ from weight_averaging import snapshots as snapshots_lib
 from weight_averaging.algoperf_api import hyperparameters as hp
 from weight_averaging.algoperf_api import batch_sizes, memory, names, recipes
 # The runtime's names, importable from here as before the runtime had its own module.
-from weight_averaging.algoperf_api.runtime import (AXIS, Runtime, TrainState,  # noqa: F401
+from weight_averaging.algoperf_api.runtime import (AXIS, Runtime, TrainState, tracked,  # noqa: F401
                                                    batch_mesh, one_copy)
 
 APIS = ("jit", "pmap")
@@ -141,17 +141,18 @@ def snapshot_writer(hyperparameters, api: str, model_params, model_state
 
 
 def build_averager(make_averager: MakeAverager, hyperparameters, step_hint: int,
-                   api: str, model_params, optimizer,
+                   api: str, model_params, model_state, optimizer,
                    devices: Optional[Sequence[Any]] = None):
   """``(averager, hp.AveragingConfig)``: the averaging read once, placed for `api`.
 
   Fractions of the step hint become steps here; ``'auto'`` placement is decided
-  from the bytes and the device (`memory.placement_for`).
+  from the bytes of what is averaged and the device (`memory.placement_for`).
   """
   averaging = hp.averaging_config(hyperparameters, step_hint)
   where = memory.placement_for(
       averaging.placement, api, model_params, optimizer,
-      functools.partial(make_averager, hyperparameters, averaging), devices)
+      functools.partial(make_averager, hyperparameters, averaging), devices,
+      tracked=tracked(model_params, model_state, averaging.model_state == "average"))
   return (make_averager(hyperparameters, averaging, resolve_placement(where, api, devices)),
           averaging)
 
@@ -192,7 +193,7 @@ def build_submission(make_optimizer: MakeOptimizer,
                                  distribution(api, devices))
       averager, averaging = (None, None) if make_averager is None else build_averager(
           make_averager, hyperparameters, workload.step_hint, api, model_params,
-          optimizer, devices)
+          model_state, optimizer, devices)
     runtime = Runtime(api, workload, optimizer, averager, base.label_smoothing,
                       base.dropout_rate, devices, snapshots=writer,
                       average_model_state=(averaging is not None

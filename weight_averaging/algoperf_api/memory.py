@@ -130,13 +130,17 @@ def averaging_bytes(averager_for: AveragerFor, params: Any, placement: str,
 
 
 def footprints(params: Any, optimizer, averager_for: Optional[AveragerFor],
-               placements: Sequence[str], num_devices: int) -> Dict[str, Footprint]:
+               placements: Sequence[str], num_devices: int,
+               tracked: Any = None) -> Dict[str, Footprint]:
   """`Footprint` per placement for abstract `params` (one device's shapes).
 
   `optimizer`: the optax transform (its state counted by ``eval_shape`` of its
   ``init`` on the floating params, as the builder calls it). `averager_for`:
   ``None`` for a submission without averaging (no averaging state, no stash).
+  `tracked`: the abstract tree the averager averages and the stash holds (default
+  `params`; ``(params, model_state)`` under ``averaging_model_state='average'``).
   """
+  tracked = params if tracked is None else tracked
   p_bytes = tree_bytes(params)
   o_bytes = tree_bytes(jax.eval_shape(optimizer.init, averagers.floating_part(params)))
   out = {}
@@ -144,8 +148,8 @@ def footprints(params: Any, optimizer, averager_for: Optional[AveragerFor],
     if averager_for is None:
       out[name] = Footprint(p_bytes, o_bytes, 0, 0)
       continue
-    device, host = averaging_bytes(averager_for, params, name, num_devices)
-    out[name] = Footprint(p_bytes, o_bytes, device, p_bytes, host)
+    device, host = averaging_bytes(averager_for, tracked, name, num_devices)
+    out[name] = Footprint(p_bytes, o_bytes, device, tree_bytes(tracked), host)
   return out
 
 
@@ -239,7 +243,8 @@ def describe(choice: str, fits: bool, options: Mapping[str, Footprint],
 
 def placement_for(name: str, api: str, params: Any, optimizer,
                   averager_for: AveragerFor, devices: Optional[Sequence[Any]] = None,
-                  *, limit: Any = "device", environ: Optional[Mapping[str, str]] = None,
+                  *, tracked: Any = None, limit: Any = "device",
+                  environ: Optional[Mapping[str, str]] = None,
                   host_available: Optional[bool] = None) -> str:
   """`name` itself, or for ``'auto'`` the placement `choose` picks, logged in one line.
 
@@ -248,6 +253,7 @@ def placement_for(name: str, api: str, params: Any, optimizer,
     api: ``'jit'`` or ``'pmap'``; `params` as the runner hands them (pmap: with the
       leading device axis).
     optimizer, averager_for: as in `footprints`.
+    tracked: what the averager averages, laid out as `params` (default `params`).
     devices: the devices the step runs on (default: all, local ones under pmap).
     limit: ``'device'`` reads `device_limit`; an int or None injects it.
     environ, host_available: injected for tests (default: ``os.environ``, the
@@ -263,8 +269,10 @@ def placement_for(name: str, api: str, params: Any, optimizer,
     limit, source = device_limit(local[0], environ)
   if host_available is None:
     host_available = placement_lib.host().available
-  options = footprints(abstract(params, device_axis=api == "pmap"), optimizer,
-                       averager_for, candidates(api, host_available), len(devices))
+  pmap = api == "pmap"
+  options = footprints(abstract(params, device_axis=pmap), optimizer, averager_for,
+                       candidates(api, host_available), len(devices),
+                       None if tracked is None else abstract(tracked, device_axis=pmap))
   choice, fits = choose(options, limit)
   if jax.process_count() > 1:
     # Every process must compile the same step: process 0's choice (its first device's

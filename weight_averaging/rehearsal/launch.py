@@ -62,9 +62,11 @@ def _env(root: str, imports: str) -> Dict[str, str]:
 def run_workload(workload: str, submissions: Sequence[str], output_dir: str, root: str,
                  steps: int, batch_size: Optional[int], memory_limit: int,
                  no_twin: bool = False, no_restore: bool = False, keep_runs: bool = False,
-                 timeout_s: Optional[float] = None, log=sys.stderr) -> None:
+                 timeout_s: Optional[float] = None, log=sys.stderr,
+                 log_name: str = "driver.log") -> None:
   """Runs `submissions` (already the pending ones) of `workload` in one subprocess; a
-  crash or timeout marks the cells it left without a result failed, with its last line."""
+  crash or timeout marks the cells it left without a result failed, with its last line.
+  Its output goes to ``<output_dir>/<workload>/<log_name>``."""
   imports = import_root(tempfile.mkdtemp(prefix="rehearsal_imports_"))
   cmd = [sys.executable, "-m", "weight_averaging.rehearsal.driver",
          f"--workload={workload}", f"--submissions={','.join(submissions)}",
@@ -73,7 +75,7 @@ def run_workload(workload: str, submissions: Sequence[str], output_dir: str, roo
          f"--alias={ALIAS}", f"--repo={REPO}", f"--memory_limit={memory_limit}"]
   cmd += [f for f, on in (("--no_twin", no_twin), ("--no_restore", no_restore),
                           ("--keep_runs", keep_runs)) if on]
-  stderr_path = os.path.join(output_dir, workload, "driver.log")
+  stderr_path = os.path.join(output_dir, workload, log_name)
   os.makedirs(os.path.dirname(stderr_path), exist_ok=True)
   with open(stderr_path, "w") as err:
     try:
@@ -97,9 +99,13 @@ def run_workload(workload: str, submissions: Sequence[str], output_dir: str, roo
 def rehearse(workloads: Sequence[str], submissions: Sequence[str], output_dir: str,
              steps: int, batch_size: Optional[int] = None, overwrite: bool = False,
              memory_limit: int = 12 * cells.GIB, algoperf_dir: Optional[str] = None,
-             **kwargs) -> List[Dict[str, Any]]:
+             process_per_cell: bool = False, **kwargs) -> List[Dict[str, Any]]:
   """Every (workload, submission) result: reused from `output_dir` unless `overwrite`,
-  skipped with the reason where it cannot run, else run. Returns them all."""
+  skipped with the reason where it cannot run, else run. Returns them all.
+
+  One process runs all of a workload's cells (one workload init), so a cell's memory
+  guard counts what the earlier cells left resident; with `process_per_cell` each cell
+  gets a fresh process, with the reference run again in it for the ratio's denominator."""
   unknown = [w for w in workloads if w not in cells.WORKLOADS]
   unknown += [s for s in submissions if s not in cells.SUBMISSIONS]
   if unknown:
@@ -116,9 +122,22 @@ def rehearse(workloads: Sequence[str], submissions: Sequence[str], output_dir: s
       for name in todo:
         cells.save_result(output_dir, cells.skipped(workload, name, reason))
       continue
-    run_workload(workload, todo, output_dir, root, steps, batch_size, memory_limit, **kwargs)
+    for group in _process_groups(todo, process_per_cell):
+      log_name = f"driver_{group[-1]}.log" if process_per_cell else "driver.log"
+      run_workload(workload, group, output_dir, root, steps, batch_size, memory_limit,
+                   log_name=log_name, **kwargs)
   return [r for w in workloads for s in submissions
           if (r := cells.load_result(output_dir, w, s)) is not None]
+
+
+def _process_groups(todo: Sequence[str], process_per_cell: bool) -> List[List[str]]:
+  """The submissions each process runs: all of `todo` at once, or one cell each (with the
+  reference first wherever `todo` has it)."""
+  if not process_per_cell:
+    return [list(todo)]
+  ref = [cells.REFERENCE] if cells.REFERENCE in todo else []
+  ours = [s for s in todo if s != cells.REFERENCE]
+  return [ref + [s] for s in ours] or [ref]
 
 
 def _skip_reason(root: Optional[str], workload: str) -> Optional[str]:
