@@ -54,6 +54,8 @@ def main(argv=None):
       no_restore=args.no_restore, keep_runs=args.keep_runs,
       process_per_cell=args.process_per_cell)
   print(cells.table(results))
+  print()
+  print(cells.grid(results))
   return 0
 
 

@@ -64,14 +64,19 @@ def test_last_line_of_a_traceback():
   assert cells.last_line("") == "(no message)"
 
 
-def test_memory_guard_skips_with_the_numbers_and_the_margin():
-  plan = dict(params=1 * GIB, optimizer=2 * GIB, averaging=20 * GIB, stash=1 * GIB)
+def test_memory_guard_skips_with_the_numbers_and_the_baseline():
+  plan = dict(params=1 * GIB, optimizer=2 * GIB, averaging=20 * GIB, stash=1 * GIB,
+              gradients=1 * GIB, temporaries=3 * GIB)
   need = cells.memory_needed(plan)
-  assert need == int(cells.MARGIN * 24 * GIB + cells.BASELINE)
+  assert need == 28 * GIB + cells.BASELINE
   assert cells.memory_skip_reason(plan, need) is None
   reason = cells.memory_skip_reason(plan, need - 1)
-  assert reason.startswith("memory: memory_plan predicts 24.00 GiB of state")
-  assert "averaging 20.00 GiB" in reason and "available" in reason
+  assert reason.startswith("memory: memory_plan predicts a peak of 28.00 GiB")
+  assert "averaging 20.00 GiB" in reason and "temporaries 3.00 GiB" in reason
+  assert reason.endswith(f"it needs {cells.gib(need)}, {cells.gib(need - 1)} available")
+  # A plan of the state alone (older result files) still guards.
+  del plan["gradients"], plan["temporaries"]
+  assert cells.memory_needed(plan) == 24 * GIB + cells.BASELINE
 
 
 def test_memory_mismatches_name_the_field():
@@ -182,7 +187,7 @@ def _fake_checkout(root):
 
 
 @pytest.mark.parametrize("per_cell", [False, True])
-def test_a_process_per_cell_reruns_the_reference_in_each(tmp_path, monkeypatch, per_cell):
+def test_a_process_per_cell_runs_the_reference_first(tmp_path, monkeypatch, per_cell):
   calls = []
   monkeypatch.setattr(launch, "run_workload",
                       lambda workload, group, *a, log_name, **k: calls.append((group, log_name)))
@@ -190,7 +195,34 @@ def test_a_process_per_cell_reruns_the_reference_in_each(tmp_path, monkeypatch, 
   launch.rehearse(["ogbg"], [cells.REFERENCE, "nadamw", "shampoo_lawa"], str(tmp_path / "out"),
                   6, algoperf_dir=root, process_per_cell=per_cell)
   if per_cell:
-    assert calls == [([cells.REFERENCE, "nadamw"], "driver_nadamw.log"),
-                     ([cells.REFERENCE, "shampoo_lawa"], "driver_shampoo_lawa.log")]
+    assert calls == [([cells.REFERENCE], f"driver_{cells.REFERENCE}.log"),
+                     (["nadamw"], "driver_nadamw.log"),
+                     (["shampoo_lawa"], "driver_shampoo_lawa.log")]
   else:
     assert calls == [([cells.REFERENCE, "nadamw", "shampoo_lawa"], "driver.log")]
+
+
+def test_grid_shows_each_cell_once_with_numbered_reasons():
+  ref = dict(workload="ogbg", submission=cells.REFERENCE, status="passed", ratio=1.0)
+  lawa = dict(workload="ogbg", submission="nadamw_lawa", status="passed", ratio=1.316)
+  alone = dict(workload="wmt", submission="shampoo", status="passed", ratio=None)
+  mem = [cells.skipped("wmt", s, "memory: too big") for s in ("nadamw_lawa", "shampoo_lawa")]
+  bad = cells.failed("wmt", "nadamw_ema", "boom")
+  lines = cells.grid([lawa, ref, alone, bad] + mem).splitlines()
+  assert lines[0] == "| workload | " + " | ".join(cells.SUBMISSIONS) + " |"
+  assert lines[2] == "| ogbg | pass 1.00 | . | . | pass 1.32 | . | . | . |"
+  assert lines[3] == "| wmt | . | . | FAIL [1] | skip [2] | pass | . | skip [2] |"
+  assert lines[5:] == ["[1] boom", "[2] memory: too big"]
+
+
+def test_a_cell_alone_is_timed_against_the_saved_reference(tmp_path):
+  from weight_averaging.rehearsal import driver  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path)
+  assert driver.saved_reference_seconds(out, "wmt", 4, 2) is None
+  cells.save_result(out, dict(workload="wmt", submission=cells.REFERENCE, status="passed",
+                              sec_per_step=2.5, steps=4, batch_size=2))
+  assert driver.saved_reference_seconds(out, "wmt", 4, 2) == 2.5
+  assert driver.saved_reference_seconds(out, "wmt", 6, 2) is None   # other steps
+  assert driver.saved_reference_seconds(out, "wmt", 4, 8) is None   # other batch
+  cells.save_result(out, cells.failed("wmt", cells.REFERENCE, "boom"))
+  assert driver.saved_reference_seconds(out, "wmt", 4, 2) is None

@@ -41,7 +41,7 @@ def shapes(tree: Any) -> Any:
   """`tree` with each leaf replaced by its `jax.ShapeDtypeStruct`: what is checked."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(
-          np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x)), tree)
+          np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype), tree)
 
 
 def _leaf_shapes(expected: Any):

@@ -333,7 +333,8 @@ def _eval_results_bypass():
 
 
 def planned(workload: str, name: str, point: Dict[str, Any], repo: str, algoperf_root: str):
-  """memory_plan's bytes for this cell on one device (replicated = one device's share);
+  """memory_plan's bytes for this cell on one device (replicated = one device's share),
+  the state's four parts and the step's gradients and temporaries;
   the reference NadamW's state is NadamW's: planned from our nadamw's point."""
   from weight_averaging.studies import memory_plan, workload_facts
   if workload not in workload_facts.ALGOPERF_WORKLOADS:
@@ -344,7 +345,8 @@ def planned(workload: str, name: str, point: Dict[str, Any], repo: str, algoperf
   if name in cells.AVERAGING:
     point = dict(point, averaging_placement="replicated")
   row = memory_plan.plan_row(workload, sub, memory_plan.LEADERBOARD, point, api="jit")
-  return {k: int(getattr(row.footprint, k)) for k in cells.MEMORY_FIELDS}
+  return dict({k: int(getattr(row.footprint, k)) for k in cells.MEMORY_FIELDS},
+              gradients=row.gradients, temporaries=row.temporaries)
 
 
 def run_cell(r: Rehearsal, name: str, args, ref_time: Optional[float]) -> Dict[str, Any]:
@@ -386,6 +388,18 @@ def run_cell(r: Rehearsal, name: str, args, ref_time: Optional[float]) -> Dict[s
   return result
 
 
+def saved_reference_seconds(output_dir: str, workload: str, steps: int,
+                            batch_size: int) -> Optional[float]:
+  """The reference's seconds per step from its result file, if it passed at the same
+  steps and batch size: the ratio's denominator for cells run in a process of their own
+  (`launch.rehearse`'s ``process_per_cell``). A reference run in this process replaces it."""
+  ref = cells.load_result(output_dir, workload, cells.REFERENCE)
+  if (ref is None or ref.get("status") != "passed" or ref.get("steps") != steps
+      or ref.get("batch_size") != batch_size):
+    return None
+  return ref.get("sec_per_step")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workload", required=True)
@@ -403,7 +417,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   r = Rehearsal(args.workload, args.batch_size, args.steps,
                 _fresh(os.path.join(args.output_dir, "_runs", args.workload, "_data")))
-  ref_time = None
+  ref_time = saved_reference_seconds(args.output_dir, args.workload, args.steps,
+                                     args.batch_size)
   for name in args.submissions.split(","):
     print(f"rehearsal: {args.workload} x {name} ...", file=sys.stderr, flush=True)
     try:
@@ -411,9 +426,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       result = cells.failed(args.workload, name, traceback.format_exc())
-    if name == cells.REFERENCE and result["status"] == "passed":
-      ref_time = result["sec_per_step"]
-      result["ratio"] = 1.0
+    if name == cells.REFERENCE:  # this process's reference: the denominator from now on
+      ref_time = result.get("sec_per_step") if result["status"] == "passed" else None
+      result["ratio"] = 1.0 if ref_time else None
     cells.save_result(args.output_dir, result)
     print(f"rehearsal: {args.workload} x {name}: {result['status']} "
           f"{result.get('reason', '')}", file=sys.stderr, flush=True)

@@ -105,7 +105,8 @@ def rehearse(workloads: Sequence[str], submissions: Sequence[str], output_dir: s
 
   One process runs all of a workload's cells (one workload init), so a cell's memory
   guard counts what the earlier cells left resident; with `process_per_cell` each cell
-  gets a fresh process, with the reference run again in it for the ratio's denominator."""
+  gets a fresh process, the reference first, and each cell's ratio is to the step time
+  of the reference's last passed run at the same steps and batch size."""
   unknown = [w for w in workloads if w not in cells.WORKLOADS]
   unknown += [s for s in submissions if s not in cells.SUBMISSIONS]
   if unknown:
@@ -131,13 +132,9 @@ def rehearse(workloads: Sequence[str], submissions: Sequence[str], output_dir: s
 
 
 def _process_groups(todo: Sequence[str], process_per_cell: bool) -> List[List[str]]:
-  """The submissions each process runs: all of `todo` at once, or one cell each (with the
-  reference first wherever `todo` has it)."""
-  if not process_per_cell:
-    return [list(todo)]
-  ref = [cells.REFERENCE] if cells.REFERENCE in todo else []
-  ours = [s for s in todo if s != cells.REFERENCE]
-  return [ref + [s] for s in ours] or [ref]
+  """The submissions each process runs: all of `todo` at once, or one each (`todo` is in
+  `cells.SUBMISSIONS` order: the reference, if there, first)."""
+  return [[s] for s in todo] if process_per_cell else [list(todo)]
 
 
 def _skip_reason(root: Optional[str], workload: str) -> Optional[str]:
