@@ -41,8 +41,9 @@ def main(argv=None):
   p.add_argument("--algoperf_dir", default=None, help="the AlgoPerf checkout ($ALGOPERF_DIR)")
   p.add_argument("--timeout_s", type=float, default=None, help="per workload process")
   p.add_argument("--process_per_cell", action="store_true",
-                 help="a fresh process per cell (the reference again in each): the memory "
-                      "guard then sees only that cell, at one workload init each")
+                 help="a fresh process per cell, the reference first: the memory guard then "
+                      "sees only that cell (one workload init each); ratios are to the "
+                      "reference's saved step time")
   p.add_argument("--no_twin", action="store_true", help="skip the eval-continuation run")
   p.add_argument("--no_restore", action="store_true", help="skip the restore check")
   p.add_argument("--keep_runs", action="store_true", help="keep each run's experiment dir")
