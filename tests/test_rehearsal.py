@@ -226,3 +226,22 @@ def test_a_cell_alone_is_timed_against_the_saved_reference(tmp_path):
   assert driver.saved_reference_seconds(out, "wmt", 4, 8) is None   # other batch
   cells.save_result(out, cells.failed("wmt", cells.REFERENCE, "boom"))
   assert driver.saved_reference_seconds(out, "wmt", 4, 2) is None
+
+
+def test_a_crash_marks_cells_without_a_new_result_failed(tmp_path, monkeypatch):
+  """A rerun (--overwrite) that dies must not leave the earlier run's result standing."""
+  out = str(tmp_path / "out")
+  cells.save_result(out, cells.skipped("wmt", "shampoo_ema", "memory: old guard"))
+  old = cells.result_path(out, "wmt", "shampoo_ema")
+  os.utime(old, (1, 1))
+
+  def crash(cmd, **kwargs):
+    cells.save_result(out, dict(workload="wmt", submission="nadamw", status="passed"))
+    raise launch.subprocess.TimeoutExpired(cmd, 5)
+
+  monkeypatch.setattr(launch.subprocess, "run", crash)
+  launch.run_workload("wmt", ["nadamw", "shampoo_ema"], out, str(tmp_path), 4, 2, 2**30,
+                      timeout_s=5, log=open(os.devnull, "w"))
+  assert cells.load_result(out, "wmt", "nadamw")["status"] == "passed"
+  redo = cells.load_result(out, "wmt", "shampoo_ema")
+  assert redo["status"] == "failed" and redo["reason"].startswith("timed out after 5 s")

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from weight_averaging.rehearsal import cells
@@ -65,7 +66,8 @@ def run_workload(workload: str, submissions: Sequence[str], output_dir: str, roo
                  timeout_s: Optional[float] = None, log=sys.stderr,
                  log_name: str = "driver.log") -> None:
   """Runs `submissions` (already the pending ones) of `workload` in one subprocess; a
-  crash or timeout marks the cells it left without a result failed, with its last line.
+  crash or timeout marks the cells it left without a new result failed, with its last
+  line (a result from an earlier run is not taken for this run's).
   Its output goes to ``<output_dir>/<workload>/<log_name>``."""
   imports = import_root(tempfile.mkdtemp(prefix="rehearsal_imports_"))
   cmd = [sys.executable, "-m", "weight_averaging.rehearsal.driver",
@@ -76,6 +78,7 @@ def run_workload(workload: str, submissions: Sequence[str], output_dir: str, roo
   cmd += [f for f, on in (("--no_twin", no_twin), ("--no_restore", no_restore),
                           ("--keep_runs", keep_runs)) if on]
   stderr_path = os.path.join(output_dir, workload, log_name)
+  started = time.time()
   os.makedirs(os.path.dirname(stderr_path), exist_ok=True)
   with open(stderr_path, "w") as err:
     try:
@@ -91,7 +94,8 @@ def run_workload(workload: str, submissions: Sequence[str], output_dir: str, roo
   with open(stderr_path) as f:
     tail = cells.last_line(f.read()[-4000:])
   for name in submissions:
-    if cells.load_result(output_dir, workload, name) is None:
+    path = cells.result_path(output_dir, workload, name)
+    if not os.path.exists(path) or os.path.getmtime(path) < started:
       cells.save_result(output_dir, cells.failed(workload, name, f"{why}: {tail}"))
   print(f"rehearsal: {workload}: {why} (log: {stderr_path})", file=log)
 
