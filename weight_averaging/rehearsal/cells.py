@@ -275,8 +275,8 @@ def table(results: Iterable[Mapping[str, Any]]) -> str:
 
 def grid(results: Iterable[Mapping[str, Any]]) -> str:
   """The overview: a markdown table of workloads x submissions, each cell ``pass <ratio>``
-  (step time relative to the reference in the same process), ``pass`` (no reference
-  there), ``FAIL`` or ``skip``, ``.`` where nothing was asked; the reasons follow it."""
+  (step time relative to the reference's), ``pass`` (no reference step to divide by),
+  ``FAIL`` or ``skip``, ``.`` where nothing was asked; the numbered reasons follow it."""
   cell = {(r["workload"], r["submission"]): r for r in results}
   workloads = [w for w in WORKLOADS if any(k[0] == w for k in cell)]
   reasons: List[str] = []

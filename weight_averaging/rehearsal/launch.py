@@ -127,18 +127,14 @@ def rehearse(workloads: Sequence[str], submissions: Sequence[str], output_dir: s
       for name in todo:
         cells.save_result(output_dir, cells.skipped(workload, name, reason))
       continue
-    for group in _process_groups(todo, process_per_cell):
-      log_name = f"driver_{group[-1]}.log" if process_per_cell else "driver.log"
+    # `todo` is in `cells.SUBMISSIONS` order: the reference, if there, runs first.
+    groups = ({f"driver_{s}.log": [s] for s in todo} if process_per_cell
+              else {"driver.log": list(todo)})
+    for log_name, group in groups.items():
       run_workload(workload, group, output_dir, root, steps, batch_size, memory_limit,
                    log_name=log_name, **kwargs)
   return [r for w in workloads for s in submissions
           if (r := cells.load_result(output_dir, w, s)) is not None]
-
-
-def _process_groups(todo: Sequence[str], process_per_cell: bool) -> List[List[str]]:
-  """The submissions each process runs: all of `todo` at once, or one each (`todo` is in
-  `cells.SUBMISSIONS` order: the reference, if there, first)."""
-  return [[s] for s in todo] if process_per_cell else [list(todo)]
 
 
 def _skip_reason(root: Optional[str], workload: str) -> Optional[str]:
